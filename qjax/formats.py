@@ -1,0 +1,206 @@
+"""Number formats: which values a quantized element can take, and how codes are stored.
+
+A format maps a float input already divided by its scale, ``u = x / s`` (in "grid units"), to a code
+(``encode``) and a code back to its float value (``decode``). Scales, granularity and gradients live in
+:mod:`qjax.quantizer`; this module knows nothing of them.
+
+Formats, by name:
+
+=====================  ========================================================  ==============
+name                   values (grid units)                                       code dtype
+=====================  ========================================================  ==============
+``int2`` .. ``int8``   ``-2^(b-1) .. 2^(b-1)-1``, round half to even              int8
+``uint2`` .. ``uint8`` ``0 .. 2^b-1``                                             uint8
+``binary``             ``{-1, +1}``, ``+1`` for ``u >= 0`` (never 0)              int8
+``ternary``            ``{-1, 0, +1}`` (BitNet b1.58)                             int8
+``fp8_e4m3``           float8 E4M3FN, ``|u| <= 448``                              float8_e4m3fn
+``fp8_e5m2``           float8 E5M2, ``|u| <= 57344``                              float8_e5m2
+``fp4_e2m1``           float4 E2M1 (OCP MX), ``|u| <= 6``                         float4_e2m1fn
+``nf4``                the 16 NormalFloat values of QLoRA (Dettmers et al. 2023)  uint8 index
+``dynamic``            256-value signed dynamic map (Dettmers et al. 2022)        uint8 index
+``dynamic_unsigned``   256-value unsigned dynamic map                             uint8 index
+=====================  ========================================================  ==============
+
+Float formats round to nearest even and saturate at their largest finite value; table formats
+(``nf4``, dynamic maps) round to the nearest table value, comparing both neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INT_BITS = tuple(range(2, 9))
+
+# QLoRA's NormalFloat-4: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero
+# (Dettmers et al., "QLoRA", 2023, appendix E). `normal_float_map` rebuilds it from the quantiles.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+_FLOAT_DTYPES = {
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "fp8_e5m2": jnp.float8_e5m2,
+    "fp4_e2m1": jnp.float4_e2m1fn,
+}
+
+
+def dynamic_map(signed: bool = True) -> np.ndarray:
+    """The 256-value dynamic (tree) quantization map of 8-bit optimizers, sorted, float32.
+
+    Per decade ``10^(i-6)``, ``i = 0..6``, the values are ``10^(i-6) * mid(linspace(0.1, 1, n_i + 1))``
+    where ``mid`` takes the midpoints of consecutive points, with ``n_i = 2^i`` values (signed, mirrored
+    to negatives) or ``2^(i+1)`` values (unsigned); then ``0`` and ``1.0`` are added.
+
+    Signed: 127 negatives down to -0.99297 (no -1.0), 0 at index 127, 127 positives from 5.5e-7,
+    and 1.0 at index 255. Unsigned: 0, 254 positives from 3.25e-7, and 1.0.
+
+    Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
+    """
+    if not isinstance(signed, bool | np.bool_):
+        raise ValueError(f"dynamic_map: signed must be a bool, got {signed!r}")
+    values = [0.0, 1.0]
+    for i in range(7):
+        count = 2**i if signed else 2 ** (i + 1)
+        edges = np.linspace(0.1, 1.0, count + 1)
+        means = 10.0 ** (i - 6) * (edges[:-1] + edges[1:]) / 2.0
+        values += means.tolist()
+        if signed:
+            values += (-means).tolist()
+    assert len(values) == 256
+    return np.sort(np.asarray(values, dtype=np.float32))
+
+
+def normal_float_map(offset: float = 0.9677083) -> np.ndarray:
+    """Rebuild the NF4 table: ``Phi^-1`` of evenly spaced probabilities, normalised by the maximum.
+
+    Positives: ``Phi^-1(linspace(offset, 0.5, 9)[:-1])``; negatives: ``-Phi^-1(linspace(offset, 0.5,
+    8)[:-1])``; plus 0. Asymmetric so that 0 is exact with 16 values (QLoRA, Dettmers et al. 2023).
+    """
+    from jax.scipy.special import ndtri
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        pos = np.asarray(ndtri(jnp.linspace(offset, 0.5, 9)[:-1]))
+        neg = -np.asarray(ndtri(jnp.linspace(offset, 0.5, 8)[:-1]))
+    values = np.sort(np.concatenate([pos, [0.0], neg]))
+    return (values / np.abs(values).max()).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A set of representable values, in grid units, and the dtype its codes are stored in.
+
+    Attributes:
+      name: the format's name (see the module docstring).
+      kind: ``"int"``, ``"binary"``, ``"ternary"``, ``"float"`` or ``"table"``.
+      bits: bits per element in packed storage.
+      lo, hi: the smallest and largest representable value (the clipping range of ``encode``).
+      max_abs: the value an absmax scale maps the largest input magnitude to.
+      table: the sorted values of a table format, else ``None``.
+    """
+
+    name: str
+    kind: str
+    bits: int
+    lo: float
+    hi: float
+    max_abs: float
+    table: tuple[float, ...] | None = None
+
+    @property
+    def signed(self) -> bool:
+        return self.lo < 0
+
+    @property
+    def is_integer(self) -> bool:
+        """Codes are integers whose value is the code itself (int, uint, binary, ternary)."""
+        return self.kind in ("int", "binary", "ternary")
+
+    @property
+    def code_dtype(self) -> jnp.dtype:
+        if self.kind == "float":
+            return jnp.dtype(_FLOAT_DTYPES[self.name])
+        if self.kind == "table" or not self.signed:
+            return jnp.dtype(jnp.uint8)
+        return jnp.dtype(jnp.int8)
+
+    def encode(self, u: jax.Array) -> jax.Array:
+        """Round grid-unit values ``u`` to codes: nearest representable value, clipped to [lo, hi].
+
+        NaN maps to the code of 0 (the quantizer marks non-finite groups through their scale).
+        """
+        u = jnp.where(jnp.isnan(u), 0.0, u)
+        if self.kind == "binary":
+            return jnp.where(u < 0, -1, 1).astype(jnp.int8)
+        if self.kind in ("int", "ternary"):
+            return jnp.clip(jnp.round(u), self.lo, self.hi).astype(self.code_dtype)
+        if self.kind == "float":
+            return jnp.clip(u, self.lo, self.hi).astype(self.code_dtype)
+        table = jnp.asarray(self.table, jnp.float32)
+        midpoints = (table[1:] + table[:-1]) / 2
+        return jnp.searchsorted(midpoints, u.astype(jnp.float32)).astype(jnp.uint8)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Codes -> float32 values in grid units."""
+        if self.kind == "table":
+            return jnp.asarray(self.table, jnp.float32)[codes.astype(jnp.int32)]
+        return codes.astype(jnp.float32)
+
+    def dequant(self, codes: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None):
+        """Codes -> float32 values: ``(decode(codes) - zero_point) * scale``."""
+        values = self.decode(codes)
+        if zero_point is not None:
+            values = values - zero_point
+        return values * scale
+
+
+def _int_format(bits: int, signed: bool) -> Format:
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return Format(f"{'' if signed else 'u'}int{bits}", "int", bits, float(lo), float(hi), float(hi))
+
+
+def _table_format(name: str, bits: int, values) -> Format:
+    table = tuple(float(v) for v in values)
+    return Format(name, "table", bits, table[0], table[-1], max(abs(table[0]), table[-1]), table)
+
+
+def _float_format(name: str) -> Format:
+    top = float(jnp.finfo(_FLOAT_DTYPES[name]).max)
+    return Format(name, "float", jnp.finfo(_FLOAT_DTYPES[name]).bits, -top, top, top)
+
+
+@functools.cache
+def _registry() -> dict[str, Format]:
+    formats = [_int_format(b, s) for b in INT_BITS for s in (True, False)]
+    formats += [
+        Format("binary", "binary", 1, -1.0, 1.0, 1.0),
+        Format("ternary", "ternary", 2, -1.0, 1.0, 1.0),
+        *(_float_format(name) for name in _FLOAT_DTYPES),
+        _table_format("nf4", 4, NF4_VALUES),
+        _table_format("dynamic", 8, dynamic_map(signed=True)),
+        _table_format("dynamic_unsigned", 8, dynamic_map(signed=False)),
+    ]
+    return {f.name: f for f in formats}
+
+
+FORMAT_NAMES: tuple[str, ...] = tuple(_registry())
+
+
+def get_format(name: str | Format) -> Format:
+    """Look a format up by name (``"int4"``, ``"binary"``, ``"nf4"``, ...); a Format passes through."""
+    if isinstance(name, Format):
+        return name
+    formats = _registry()
+    if not isinstance(name, str) or name not in formats:
+        hint = ""
+        if isinstance(name, str) and name.lstrip("u").startswith("int"):
+            hint = " (integer formats have 2 to 8 bits; use 'binary' for 1 bit)"
+        raise ValueError(f"unknown format {name!r}{hint}; allowed: {', '.join(formats)}")
+    return formats[name]

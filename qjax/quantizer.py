@@ -1,0 +1,287 @@
+"""Quantizer: format + scale rule + granularity + surrogate gradient, and the three functions using it.
+
+``fake_quant(q, x)`` (training), ``quantize(q, x) -> QArray`` (serving), ``dequantize(qarray)``, with the
+invariant ``fake_quant(q, x) == dequantize(quantize(q, x))`` bit for bit: both compute the same codes and
+scales and the same float operations; only the gradient differs. (XLA may order a float reduction
+differently in two separately compiled programs; the multi-basis residual means are the one place where
+that can change a scale by an ulp between an eager and a jitted call. Under one compilation mode the
+invariant is exact for every quantizer, and the tests check it so.)
+
+Gradients of ``fake_quant``:
+
+- ``binary`` (one basis): ``y = s * sign_surrogate(x)``, so ``dy/dx = s * d(x)`` with the surrogate's
+  ``d`` (:mod:`qjax.surrogates`: ste, clipped_ste, approx_sign, swish_sign, reste, biper) applied to
+  the raw ``x``, as in larq, ReSTE and BiPer. BiPer's forward is ``sign(sin(omega x))``.
+- multi-level formats (int, uint, ternary, fp8, fp4, nf4, dynamic): ``y = (q(x/s + z) - z) * s`` with
+  the identity (``ste``) or clipped (``clipped_ste``, zero outside the representable range) straight-through
+  gradient (:func:`qjax.surrogates.grid_ste`).
+- multi-basis binary (``bases = k > 1``): straight-through, clipped to ``|x| <= sum_i alpha_i`` for
+  ``clipped_ste``.
+
+Computed scales (absmax, mean_abs, median, minmax) are detached (``stop_gradient``), as in Bi-Real Net and
+BitNet. A ``given`` scale passed by the caller receives the LSQ step gradient with ``grad_scale = 1``; a
+``learned`` scale (a parameter) receives it scaled by ``1/sqrt(n * fmax)`` (Esser et al. 2020).
+Surrogate hyperparameters (``o``, ``t``, ``omega``, ``beta``) are keyword arguments and may be traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax import surrogates
+from qjax.formats import Format, get_format
+from qjax.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
+from qjax.qarray import QArray, dequantize, dequantize_blocks
+from qjax.scales import COMPUTED_RULES, INIT_RULES, SCALE_RULES, compute_scale, mark_nonfinite
+
+_GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+__all__ = ["Quantizer", "dequantize", "fake_quant", "init_scale", "quantize", "scale_shape"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """How to quantize an array: a frozen, hashable description, static under ``jit``.
+
+    Attributes:
+      format: a name from :data:`qjax.formats.FORMAT_NAMES` (``"int4"``, ``"binary"``, ``"nf4"``, ...).
+      granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerToken(axis)``, ``PerGroup(axis, size)``
+        or ``PerBlock(size)``.
+      scale: ``"absmax"``, ``"mean_abs"``, ``"median"``, ``"minmax"`` (integer formats, with a zero point),
+        ``"given"`` or ``"learned"`` (passed to the call as ``scale=``).
+      surrogate: the backward rule; for ``binary`` any of :data:`qjax.surrogates.SIGN_SURROGATES`, for
+        other formats ``"ste"`` or ``"clipped_ste"``.
+      bases: number of residual binary bases (``binary`` only): ``x ~ sum_i alpha_i b_i`` with
+        ``b_i = sign(r_{i-1})``, ``alpha_i = mean|r_{i-1}|``, ``r_0 = x``, ``r_i = r_{i-1} - alpha_i b_i``
+        (multi-basis binarization: ReActNet-style residual bases, BinaryDM, DB-LLM).
+      eps: floor on the scale statistic (BitNet b1.58 uses ``1e-5``); scales are never below the
+        smallest normal float32 in any case.
+    """
+
+    format: str = "int8"
+    granularity: PerTensor | PerChannel | PerToken | PerGroup | PerBlock = PerTensor()  # noqa: RUF009 (frozen)
+    scale: str = "absmax"
+    surrogate: str = "ste"
+    bases: int = 1
+    eps: float = 0.0
+
+    def __post_init__(self):
+        fmt = get_format(self.format)
+        if isinstance(self.format, Format):
+            object.__setattr__(self, "format", fmt.name)
+        if not isinstance(self.granularity, _GRANULARITIES):
+            raise ValueError(f"granularity {self.granularity!r} is not a granularity; allowed: "
+                             "PerTensor(), PerChannel(axis), PerToken(axis), PerGroup(axis, size), "
+                             "PerBlock(size)")
+        if self.scale not in SCALE_RULES:
+            raise ValueError(f"unknown scale rule {self.scale!r}; allowed: {', '.join(SCALE_RULES)}")
+        if self.scale == "minmax" and fmt.kind != "int":
+            raise ValueError(f"scale rule 'minmax' needs an integer format, got {fmt.name!r}; "
+                             "allowed: int2..int8, uint2..uint8")
+        if not isinstance(self.bases, int) or isinstance(self.bases, bool) or self.bases < 1:
+            raise ValueError(f"bases={self.bases!r} must be a positive integer")
+        if self.bases > 1 and fmt.kind != "binary":
+            raise ValueError(f"bases={self.bases} needs format 'binary', got {fmt.name!r}")
+        if self.bases > 1 and self.scale not in ("mean_abs", "given"):
+            raise ValueError(f"multi-basis binary computes alpha_i = mean|r_i|: scale {self.scale!r} "
+                             "is not supported; allowed: 'mean_abs', 'given'")
+        allowed = self.allowed_surrogates
+        if self.surrogate not in allowed:
+            raise ValueError(f"unknown surrogate {self.surrogate!r} for format {fmt.name!r}"
+                             f"{' with bases > 1' if self.bases > 1 else ''}; allowed: "
+                             f"{', '.join(allowed)}")
+        if not isinstance(self.eps, int | float) or not 0 <= self.eps < math.inf:
+            raise ValueError(f"eps={self.eps!r} must be a finite float >= 0")
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+    @property
+    def allowed_surrogates(self) -> tuple[str, ...]:
+        if self.fmt.kind == "binary" and self.bases == 1:
+            return tuple(surrogates.SIGN_SURROGATES)
+        return surrogates.GRID_SURROGATES
+
+    @property
+    def is_sign(self) -> bool:
+        return self.fmt.kind == "binary" and self.bases == 1
+
+
+def _check_input(x, who: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{who}: x must be a floating-point array, got dtype {x.dtype}; "
+                         "allowed: float32, bfloat16, float16, float64")
+    return x
+
+
+def scale_shape(q: Quantizer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``q``'s scale for an input of ``shape`` (block view with reduced axes of size 1;
+    a leading axis of ``bases`` for multi-basis binary)."""
+    gran = q.granularity.resolve(tuple(shape))
+    blocks = jax.eval_shape(gran.to_blocks, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape
+    axes = gran.reduce_axes(len(blocks))
+    out = tuple(1 if i in axes else n for i, n in enumerate(blocks))
+    return (q.bases, *out) if q.bases > 1 else out
+
+
+def init_scale(q: Quantizer, x: jax.Array, rule: str = "absmax") -> jax.Array:
+    """An initial value for a ``learned`` or ``given`` scale from the data, by ``rule``
+    (``absmax``, ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(fmax)``)."""
+    x = _check_input(x, "init_scale")
+    if rule not in INIT_RULES or rule == "minmax":
+        raise ValueError(f"init_scale: unknown rule {rule!r}; allowed: absmax, mean_abs, median, "
+                         "lsq_init")
+    gran = q.granularity.resolve(x.shape)
+    xb = gran.to_blocks(x)
+    axes = gran.reduce_axes(xb.ndim)
+    if q.bases > 1:
+        return _residual_codes(q, xb, axes, None)[1]
+    return compute_scale(rule, q.fmt, xb, axes, q.eps)[0]
+
+
+def _caller_scale(q: Quantizer, x: jax.Array, value, name: str, positive: bool = True) -> jax.Array:
+    expected = scale_shape(q, x.shape)
+    value = jnp.asarray(value, jnp.float32)
+    squeeze = lambda s: tuple(n for n in s if n != 1)
+    if value.shape != expected and squeeze(value.shape) != squeeze(expected):
+        raise ValueError(f"{name} has shape {value.shape}; allowed: {expected} (or the same without "
+                         f"its size-1 axes) for input shape {x.shape} and {q.granularity}")
+    concrete = not isinstance(value, jax.core.Tracer)
+    if positive and concrete and not bool(jnp.all((value > 0) | jnp.isnan(value))):
+        raise ValueError(f"{name} must be positive, got minimum {float(jnp.nanmin(value))}; allowed: "
+                         "finite values > 0 (NaN marks a poisoned group)")
+    return value.reshape(expected)
+
+
+def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
+    """(scale, zero_point) for the block view ``xb``; computed scales are detached."""
+    if q.scale in COMPUTED_RULES:
+        if scale is not None or zero_point is not None:
+            raise ValueError(f"scale rule {q.scale!r} computes its own scale; pass scale= only with "
+                             "scale='given' or 'learned'")
+        if q.bases > 1:
+            return None, None
+        s, z = compute_scale(q.scale, q.fmt, jax.lax.stop_gradient(xb), axes, q.eps)
+        return s, z
+    if scale is None:
+        raise ValueError(f"scale rule {q.scale!r} needs scale=...; init_scale(q, x) gives a start")
+    s = _caller_scale(q, x, scale, "scale")
+    s = mark_nonfinite(s, jax.lax.stop_gradient(xb), axes)
+    z = None if zero_point is None else _caller_scale(q, x, zero_point, "zero_point", positive=False)
+    return s, z
+
+
+def _residual_codes(q: Quantizer, xb, axes, given):
+    """Multi-basis binary: codes ``(k, *xb.shape)`` and scales ``(k, *scale)``, greedy on residuals."""
+    residual = xb.astype(jnp.float32)
+    codes, scales = [], []
+    for i in range(q.bases):
+        codes.append(q.fmt.encode(residual))
+        if given is None:
+            alpha = jnp.maximum(jnp.mean(jnp.abs(residual), axes, keepdims=True), max(q.eps, _TINY))
+            alpha = mark_nonfinite(alpha, xb, axes)
+        else:
+            alpha = given[i]
+        scales.append(alpha)
+        residual = residual - q.fmt.dequant(codes[-1], alpha)
+    return jnp.stack(codes), jnp.stack(scales)
+
+
+def _encode_input(q: Quantizer, xb, hparams):
+    """What the format encodes: ``sin(omega x)`` for BiPer's square wave, else ``x``."""
+    if q.is_sign and q.surrogate == "biper":
+        omega = surrogates.as_hyperparameter(hparams.get("omega", 20.0), "omega")
+        return jnp.sin(omega * xb.astype(jnp.float32))
+    return xb.astype(jnp.float32)
+
+
+def _check_hparams(q: Quantizer, hparams: dict) -> None:
+    import inspect
+
+    fn = surrogates.SIGN_SURROGATES[q.surrogate] if q.is_sign else None
+    allowed = list(inspect.signature(fn).parameters)[1:] if fn else []
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for surrogate {q.surrogate!r} on "
+                         f"{q.format!r}; allowed: {allowed or 'none'}")
+
+
+def quantize(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
+             zero_point: jax.Array | None = None, **hparams) -> QArray:
+    """Quantize ``x`` to a :class:`QArray`: ``codes = encode(x / s + z)`` per scale group.
+
+    ``scale``/``zero_point`` are required for the ``given`` and ``learned`` rules; ``hparams`` are the
+    surrogate's (only BiPer's ``omega`` changes the codes).
+    """
+    if not isinstance(q, Quantizer):
+        raise ValueError(f"quantize expects a Quantizer, got {type(q).__name__}")
+    x = _check_input(x, "quantize")
+    _check_hparams(q, hparams)
+    gran = q.granularity.resolve(x.shape)
+    xb = gran.to_blocks(x)
+    axes = gran.reduce_axes(xb.ndim)
+    s, z = _scales(q, x, xb, axes, scale, zero_point)
+    if q.bases > 1:
+        codes_b, s = _residual_codes(q, xb, axes, s)
+        codes = jax.vmap(lambda c: gran.from_blocks(c, x.shape))(codes_b)
+    else:
+        u = _encode_input(q, xb, hparams) / s
+        codes = gran.from_blocks(q.fmt.encode(u if z is None else u + z), x.shape)
+    return QArray(codes, s, z, q.format, gran, x.dtype.name, q.bases)
+
+
+@jax.custom_vjp
+def _pass_through(x, value, mask):
+    return value
+
+
+def _pass_through_fwd(x, value, mask):
+    return value, mask
+
+
+def _pass_through_bwd(mask, g):
+    return jnp.where(mask, g, 0).astype(g.dtype), jnp.zeros_like(g), None
+
+
+_pass_through.defvjp(_pass_through_fwd, _pass_through_bwd)
+
+
+def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
+               zero_point: jax.Array | None = None, **hparams) -> jax.Array:
+    """``dequantize(quantize(q, x))`` bit for bit, in ``x``'s dtype, with ``q.surrogate``'s gradient.
+
+    See the module docstring for the gradients. Works under ``jit``, ``grad``, ``vmap`` and ``scan``;
+    hyperparameters such as ReSTE's ``o`` or BiPer's ``omega`` may be traced arrays.
+    """
+    if not isinstance(q, Quantizer):
+        raise ValueError(f"fake_quant expects a Quantizer, got {type(q).__name__}")
+    x = _check_input(x, "fake_quant")
+    _check_hparams(q, hparams)
+    gran = q.granularity.resolve(x.shape)
+    xb = gran.to_blocks(x)
+    axes = gran.reduce_axes(xb.ndim)
+    s, z = _scales(q, x, xb, axes, scale, zero_point)
+    if q.is_sign:
+        signs = surrogates.SIGN_SURROGATES[q.surrogate](xb, **hparams)
+        value = q.fmt.dequant(signs, s).astype(x.dtype)
+    elif q.bases > 1:
+        codes_b, s = _residual_codes(q, jax.lax.stop_gradient(xb), axes, s)
+        exact = dequantize_blocks(q.fmt, codes_b, s, None, q.bases).astype(x.dtype)
+        inside = True
+        if q.surrogate == "clipped_ste":
+            inside = jnp.abs(xb) <= jnp.sum(s, axis=0)
+        value = _pass_through(xb, exact, jnp.broadcast_to(inside, xb.shape))
+    else:
+        grad_scale = 1.0
+        if q.scale == "learned":
+            grad_scale = 1.0 / math.sqrt(xb.size / s.size * q.fmt.max_abs)
+        grad_scale = jnp.asarray(grad_scale, jnp.float32)
+        value = surrogates.grid_ste(xb, s, z, grad_scale, q.fmt, q.surrogate == "clipped_ste")
+    return gran.from_blocks(value, x.shape)

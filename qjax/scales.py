@@ -1,0 +1,61 @@
+"""Scale rules: the float step ``s`` (and zero point ``z``) of each group of elements sharing a scale.
+
+All rules reduce the block view ``xb`` over ``axes`` (see :mod:`qjax.granularity`) with ``keepdims``;
+``fmax`` is the format's ``max_abs`` and ``eps`` a floor on the statistic:
+
+- ``absmax``:   ``s = max(max|x|, eps) / fmax`` (the largest magnitude maps to the largest code).
+- ``mean_abs``: ``s = max(mean|x|, eps)`` (XNOR-Net alpha; BitNet b1.58 gamma with ``eps = 1e-5``).
+- ``median``:   ``s = max(median|x|, eps)`` (BitNet b1.58 Reloaded).
+- ``minmax``:   asymmetric, integer formats: ``lo = min(min x, 0)``, ``hi = max(max x, 0)``,
+  ``s = max(hi - lo, eps) / (qmax - qmin)``, ``z = qmin - round(lo / s)``, so 0 is exact.
+- ``lsq_init``: ``s = 2 mean|x| / sqrt(fmax)`` (the LSQ initial step, Esser et al. 2020).
+
+``given`` and ``learned`` scales come from the caller. Every scale is float32 and at least the smallest
+normal float32, so an all-zero group quantizes to exact zeros without NaN. A group holding a NaN or Inf
+gets a NaN scale: its values dequantize to NaN, nothing is silently turned into a number, and other
+groups are untouched.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax.formats import Format
+
+COMPUTED_RULES = ("absmax", "mean_abs", "median", "minmax")
+SCALE_RULES = (*COMPUTED_RULES, "given", "learned")
+INIT_RULES = (*COMPUTED_RULES, "lsq_init")
+
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
+                  eps: float = 0.0) -> tuple[jax.Array, jax.Array | None]:
+    """Scale (and zero point for ``minmax``, else ``None``) of ``xb`` reduced over ``axes``."""
+    if rule not in INIT_RULES:
+        raise ValueError(f"unknown scale rule {rule!r}; allowed: {', '.join(INIT_RULES)}")
+    x = xb.astype(jnp.float32)
+    a = jnp.abs(x)
+    zero_point = None
+    if rule == "absmax":
+        scale = jnp.maximum(jnp.max(a, axes, keepdims=True), eps) / fmt.max_abs
+    elif rule == "mean_abs":
+        scale = jnp.maximum(jnp.mean(a, axes, keepdims=True), eps)
+    elif rule == "median":
+        scale = jnp.maximum(jnp.median(a, axes, keepdims=True), eps)
+    elif rule == "lsq_init":
+        scale = jnp.maximum(2.0 * jnp.mean(a, axes, keepdims=True), eps) / fmt.max_abs**0.5
+    else:
+        lo = jnp.minimum(jnp.min(x, axes, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x, axes, keepdims=True), 0.0)
+        scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), _TINY)
+        zero_point = fmt.lo - jnp.round(lo / scale)
+    scale = jnp.maximum(scale, _TINY)
+    return mark_nonfinite(scale, xb, axes), zero_point
+
+
+def mark_nonfinite(scale: jax.Array, xb: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Set the scale of every group that holds a NaN or Inf to NaN."""
+    bad = jnp.any(~jnp.isfinite(xb), axis=axes, keepdims=True)
+    return jnp.where(bad, jnp.nan, scale)

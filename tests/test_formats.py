@@ -1,0 +1,108 @@
+"""Formats: value sets, nearest rounding, the dynamic map and NF4 tables."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qjax import formats as F
+
+
+def test_signed_dynamic_map_structure():
+    m = F.dynamic_map(signed=True)
+    assert m.shape == (256,) and m.dtype == np.float32
+    assert np.all(np.diff(m) > 0)
+    assert m[127] == 0.0 and m[255] == 1.0
+    assert (m < 0).sum() == 127 and (m > 0).sum() == 128
+    assert -1.0 not in m
+    assert m[0] == pytest.approx(-0.99297, abs=1e-5)
+    assert np.abs(m[m != 0]).min() == pytest.approx(5.5e-7, rel=1e-6)
+    np.testing.assert_array_equal(m[128:255], -m[126::-1])  # mirrored
+
+
+def test_unsigned_dynamic_map_structure():
+    m = F.dynamic_map(signed=False)
+    assert m.shape == (256,) and np.all(np.diff(m) > 0)
+    assert m[0] == 0.0 and m[255] == 1.0 and (m > 0).sum() == 255
+    assert m[1] == pytest.approx(3.25e-7, rel=1e-6)
+
+
+def test_dynamic_map_decades():
+    m = F.dynamic_map(signed=True)
+    pos = m[128:255]
+    counts = [((pos >= 10.0**k) & (pos < 10.0 ** (k + 1))).sum() for k in range(-7, 0)]
+    assert counts == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_nf4_table_rebuilt_from_normal_quantiles():
+    np.testing.assert_allclose(F.normal_float_map(), F.NF4_VALUES, atol=2e-6)
+    assert len(F.NF4_VALUES) == 16 and 0.0 in F.NF4_VALUES
+
+
+@pytest.mark.parametrize("name", ["nf4", "dynamic", "dynamic_unsigned"])
+@given(u=st.floats(-1.5, 1.5, width=32))
+def test_table_encode_is_nearest(name, u):
+    fmt = F.get_format(name)
+    table = np.asarray(fmt.table)
+    code = int(fmt.encode(jnp.float32(u)))
+    best = np.abs(table - np.clip(u, table[0], table[-1])).min()
+    assert abs(table[code] - np.clip(u, table[0], table[-1])) == best
+
+
+def test_table_encode_is_not_biased_upwards():
+    fmt = F.get_format("nf4")
+    t = np.asarray(fmt.table, np.float32)
+    just_above = t[:-1] + (t[1:] - t[:-1]) * 0.1  # nearer to the lower neighbour
+    np.testing.assert_array_equal(fmt.encode(jnp.asarray(just_above)), np.arange(15))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_int_formats_range_and_rounding(bits):
+    for signed in (True, False):
+        fmt = F.get_format(f"{'' if signed else 'u'}int{bits}")
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        assert (fmt.lo, fmt.hi, fmt.max_abs, fmt.bits) == (lo, hi, hi, bits)
+        u = jnp.linspace(lo - 3, hi + 3, 97)
+        codes = fmt.encode(u)
+        assert codes.dtype == (jnp.int8 if signed else jnp.uint8)
+        np.testing.assert_array_equal(codes, np.clip(np.round(np.asarray(u)), lo, hi))
+
+
+def test_binary_and_ternary():
+    b, t = F.get_format("binary"), F.get_format("ternary")
+    u = jnp.array([-2.0, -0.5, -0.0, 0.0, 0.4, 0.5, 0.6, 3.0])
+    np.testing.assert_array_equal(b.encode(u), [-1, -1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(t.encode(u), [-1, -0.0, 0, 0, 0, 0, 1, 1])
+    assert (b.bits, t.bits) == (1, 2)
+
+
+@pytest.mark.parametrize(("name", "dtype", "top"), [
+    ("fp8_e4m3", ml_dtypes.float8_e4m3fn, 448.0),
+    ("fp8_e5m2", ml_dtypes.float8_e5m2, 57344.0),
+    ("fp4_e2m1", ml_dtypes.float4_e2m1fn, 6.0),
+])
+def test_float_formats_round_like_ml_dtypes_and_saturate(name, dtype, top):
+    fmt = F.get_format(name)
+    assert fmt.max_abs == top and fmt.code_dtype == np.dtype(dtype)
+    u = np.random.default_rng(0).standard_normal(500).astype(np.float32) * top / 3
+    u = np.concatenate([u, [top * 10, -top * 10, 0.0]]).astype(np.float32)
+    got = np.asarray(fmt.decode(fmt.encode(jnp.asarray(u))))
+    np.testing.assert_array_equal(got, np.clip(u, -top, top).astype(dtype).astype(np.float32))
+    assert np.isfinite(got).all()
+
+
+def test_nan_encodes_to_zero_code():
+    for name in F.FORMAT_NAMES:
+        fmt = F.get_format(name)
+        value = float(fmt.decode(fmt.encode(jnp.float32(np.nan))))
+        assert value == float(fmt.decode(fmt.encode(jnp.float32(0.0)))), name
+
+
+def test_registry_names_and_passthrough():
+    assert {"int2", "int8", "uint4", "binary", "ternary", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4",
+            "dynamic", "dynamic_unsigned"} <= set(F.FORMAT_NAMES)
+    fmt = F.get_format("int4")
+    assert F.get_format(fmt) is fmt
+    hash(fmt)  # static under jit
