@@ -1,0 +1,356 @@
+"""Quantize any Flax Linen model by rules, without editing its code.
+
+``qmodel = quantize_model(model, rules)`` gives an object with the model's ``init`` and ``apply``:
+
+- weights: before the model runs, every parameter named in a matching rule's ``weight_names`` is replaced by
+  its fake-quantized value (the model reads it as usual, so any module that contracts a weight works:
+  Dense, DenseGeneral, Conv, Einsum, Embed, or a module written elsewhere);
+- inputs: Flax's method interception (``nn.intercept_methods``) fake-quantizes the first positional input of
+  each matched module's ``__call__``;
+- activations: inside a matched module with an ``activations`` quantizer (attention), both operands of each
+  ``jnp.einsum`` / ``lax.dot_general`` run directly in its ``__call__`` (``q k^T``, ``p v``) are quantized.
+
+A rule applies to a module that its path and types match and that owns one of the rule's weight parameters,
+or that the rule names by type. Learned scales (LSQ steps, BiPer's alpha) live in the ``"quant"`` variable
+collection, keyed by module path. Per-step hyperparameters go in ``apply(..., hparams={...})`` as arrays
+(:mod:`qjax.qat`), so schedules never recompile.
+
+``freeze(qmodel, variables, *args)`` turns the trained weights into packed :class:`~qjax.QArray` codes;
+``qmodel.apply`` runs a frozen model too, with Dense and single-axis DenseGeneral layers on
+:func:`kernels_pallas.packed_matmul` and any other module on the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax import qat
+from qjax.qarray import QArray, dequantize
+from qjax.quantizer import quantize
+from qjax.rules import Rule, check_rules, format_table
+
+INPUT_KEY = "__input__"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleEntry:
+    """One module of a traced model: its path, class name, own parameters and matched rule."""
+
+    path: tuple[str, ...]
+    type_name: str
+    params: tuple[str, ...]
+    rule: Rule | None
+    matmul: bool = False  # a Dense, or a DenseGeneral with one contracting axis: can run packed
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        return tuple(p for p in self.params if self.rule and self.rule.weight and p in self.rule.weight_names)
+
+
+def _is_matmul(module: nn.Module) -> bool:
+    if isinstance(module, nn.Dense):
+        return True
+    if isinstance(module, nn.DenseGeneral):
+        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        return len(axes) == 1 and not module.batch_dims
+    return False
+
+
+def _eligible(rule: Rule, path: str, type_name: str, params: tuple[str, ...]) -> bool:
+    owns_weight = any(p in rule.weight_names for p in params)
+    return rule.matches(path, type_name) and (owns_weight or bool(rule.types))
+
+
+def get_path(tree: Mapping, path: tuple[str, ...], default=None):
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return default
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of nested dict ``tree`` with ``value`` at ``path`` (copies only along the path)."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
+    return out
+
+
+def _cache_key(*trees):
+    leaves, treedef = jax.tree_util.tree_flatten(trees)
+    sig = tuple((x.shape, str(x.dtype)) if hasattr(x, "shape") else repr(x) for x in leaves)
+    return treedef, sig
+
+
+class QuantizedModel:
+    """A Linen model with quantization rules applied at ``init``/``apply`` time (module docstring)."""
+
+    def __init__(self, model: nn.Module, rules, *, warn_unused: bool = True):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"quantize_model expects a flax.linen Module, got {type(model).__name__}")
+        self.model = model
+        self.rules = check_rules(rules)
+        self.warn_unused = warn_unused
+        self._tables: dict[Any, dict[str, ModuleEntry]] = {}
+
+    # --- which module gets which rule --------------------------------------------------------------
+
+    def _record(self, modules: dict, inputs: dict | None = None):
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and context.module.scope is not None:
+                module = context.module
+                own = tuple(k for k, v in module.variables.get("params", {}).items()
+                            if not isinstance(v, Mapping))
+                path = tuple(str(p) for p in module.path)
+                modules.setdefault(path, (type(module).__name__, own, _is_matmul(module)))
+                if inputs is not None and args:
+                    inputs.setdefault(path, args[0])
+            return next_fun(*args, **kwargs)
+
+        return nn.intercept_methods(interceptor)
+
+    def _entries(self, modules: dict) -> dict[str, ModuleEntry]:
+        table = {}
+        for path, (type_name, own, matmul) in modules.items():
+            name = "/".join(path)
+            rule = next((r for r in self.rules if _eligible(r, name, type_name, own)), None)
+            table[name] = ModuleEntry(path, type_name, own, rule, matmul)
+        if self.warn_unused:
+            used = {id(e.rule) for e in table.values()}
+            unused = [r.label for r in self.rules if id(r) not in used]
+            if unused:
+                import warnings
+
+                warnings.warn(f"qjax rules matched no module: {unused}; modules: {sorted(table)[:20]}",
+                              stacklevel=3)
+        return table
+
+    def table(self, variables, *args, **kwargs) -> dict[str, ModuleEntry]:
+        """Module path -> :class:`ModuleEntry` (with its rule) for this model on inputs like ``args``."""
+        key = _cache_key(variables, args, kwargs)
+        if key not in self._tables:
+            modules: dict = {}
+            plain = {k: v for k, v in variables.items() if k != "quant"}
+
+            def run(v):
+                with self._record(modules):
+                    return self.model.apply(self._float_view(v), *args, **{**kwargs, "mutable": True})
+
+            jax.eval_shape(run, plain)
+            self._tables[key] = self._entries(modules)
+        return self._tables[key]
+
+    def dry_run(self, variables, *args, **kwargs) -> str:
+        """The printable table of module path -> rule (``-`` for float); also warns about unused rules."""
+        return format_table({name: e.rule for name, e in self.table(variables, *args, **kwargs).items()})
+
+    # --- init and apply ------------------------------------------------------------------------------
+
+    def init(self, rngs, *args, hparams: dict | None = None, **kwargs) -> dict:
+        """``model.init`` plus the ``"quant"`` collection of learned scales (when a rule has one)."""
+        qat.check_hparams(hparams)
+        variables = dict(self.model.init(rngs, *args, **kwargs))
+        modules: dict = {}
+        inputs: dict = {}
+        apply_kwargs = {**kwargs, "mutable": True,
+                        "rngs": rngs if isinstance(rngs, Mapping) else {"dropout": rngs}}
+        with self._record(modules, inputs):
+            self.model.apply(variables, *args, **apply_kwargs)
+        table = self._entries(modules)
+        quant: dict = {}
+        for entry in table.values():
+            rule = entry.rule
+            if rule is None:
+                continue
+            for name in entry.weights:
+                if qat.needs_state(rule.weight):
+                    w = get_path(variables["params"], (*entry.path, name))
+                    quant = set_path(quant, (*entry.path, name), qat.initial_scale(rule.weight, w))
+            if qat.needs_state(rule.input) and entry.path in inputs:
+                scale = qat.initial_scale(rule.input, inputs[entry.path])
+                quant = set_path(quant, (*entry.path, INPUT_KEY), scale)
+        if quant:
+            variables["quant"] = quant
+        return variables
+
+    def _float_view(self, variables: dict) -> dict:
+        """Variables with every QArray dequantized (what the unmodified model can read)."""
+        return jax.tree_util.tree_map(lambda x: dequantize(x) if isinstance(x, QArray) else x, variables,
+                                      is_leaf=lambda x: isinstance(x, QArray))
+
+    def _model_variables(self, variables: dict, table: dict[str, ModuleEntry], hparams: dict) -> dict:
+        quant = variables.get("quant", {})
+        params = variables["params"]
+        for entry in table.values():
+            for name in entry.weights:
+                where = (*entry.path, name)
+                w = get_path(params, where)
+                if isinstance(w, QArray):
+                    if not _runs_packed(entry, w):
+                        params = set_path(params, where, dequantize(w))
+                    continue
+                scale = get_path(quant, where)
+                params = set_path(params, where, qat.quantize_weight(entry.rule.weight, w, scale, hparams))
+        out = {k: v for k, v in variables.items() if k != "quant"}
+        out["params"] = params
+        return self._float_view(out)
+
+    def apply(self, variables: dict, *args, hparams: dict | None = None, **kwargs):
+        """``model.apply`` with weights, inputs and activations quantized by the rules.
+
+        ``hparams``: per-step hyperparameters (:mod:`qjax.qat`); may be traced arrays.
+        """
+        hparams = qat.check_hparams(hparams)
+        table = self.table(variables, *args, **{k: v for k, v in kwargs.items() if k != "mutable"})
+        model_vars = self._model_variables(variables, table, hparams)
+        quant = variables.get("quant", {})
+        with self._interception(table, quant, variables["params"], hparams):
+            return self.model.apply(model_vars, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _interception(self, table, quant, params, hparams):
+        active: list = []  # the activations quantizer of each module call on the stack
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name != "__call__" or context.module.scope is None:
+                return next_fun(*args, **kwargs)
+            entry = table.get("/".join(str(p) for p in context.module.path))
+            rule = entry.rule if entry else None
+            if rule is not None and rule.input is not None and args:
+                scale = get_path(quant, (*entry.path, INPUT_KEY))
+                args = (qat.quantize_input(rule.input, args[0], scale, hparams), *args[1:])
+            active.append(rule.activations if rule is not None else None)
+            try:
+                if entry is not None and entry.weights:
+                    w = get_path(params, (*entry.path, entry.weights[0]))
+                    if isinstance(w, QArray) and _runs_packed(entry, w):
+                        return _packed_call(context.module, args[0], w)
+                return next_fun(*args, **kwargs)
+            finally:
+                active.pop()
+
+        with nn.intercept_methods(interceptor), _quantized_contractions(active, hparams):
+            yield
+
+
+@contextlib.contextmanager
+def _quantized_contractions(active: list, hparams: dict):
+    """While active, ``jnp.einsum`` and ``lax.dot_general`` quantize their array operands whenever the
+    innermost module call has an ``activations`` quantizer."""
+    original_einsum, original_dot_general = jnp.einsum, jax.lax.dot_general
+
+    def q(x):
+        return qat.quantize_input(active[-1], x, None, hparams) if isinstance(x, jax.Array) else x
+
+    def einsum(subscripts, *operands, **kwargs):
+        if active and active[-1] is not None:
+            operands = tuple(q(o) for o in operands)
+        return original_einsum(subscripts, *operands, **kwargs)
+
+    def dot_general(lhs, rhs, *args, **kwargs):
+        if active and active[-1] is not None:
+            lhs, rhs = q(lhs), q(rhs)
+        return original_dot_general(lhs, rhs, *args, **kwargs)
+
+    jnp.einsum, jax.lax.dot_general = einsum, dot_general
+    try:
+        yield
+    finally:
+        jnp.einsum, jax.lax.dot_general = original_einsum, original_dot_general
+
+
+# --- frozen models -----------------------------------------------------------------------------------
+
+def _matmul_layout(entry: ModuleEntry, w: QArray) -> tuple[int, int] | None:
+    """(K, N) when the frozen weight can run on the packed matmul, else None."""
+    from qjax.granularity import PerChannel, PerGroup, PerTensor
+
+    if not entry.matmul or w.fmt.kind not in ("int", "binary", "ternary"):
+        return None
+    if w.bases != 1 or w.packing is None or w.packing[0] != -len(w.shape):
+        return None
+    gran = w.granularity
+    if isinstance(gran, PerChannel) and 0 in {a % len(w.shape) for a in gran.axis}:
+        return None
+    if isinstance(gran, PerGroup) and gran.axis % len(w.shape) != 0:
+        return None
+    if not isinstance(gran, PerTensor | PerChannel | PerGroup):
+        return None
+    return w.shape[0], math.prod(w.shape[1:])
+
+
+def _runs_packed(entry: ModuleEntry, w: QArray) -> bool:
+    return _matmul_layout(entry, w) is not None
+
+
+def _matmul_scales(w: QArray, n: int) -> tuple[jax.Array, int | None]:
+    from qjax.granularity import PerGroup
+
+    if isinstance(w.granularity, PerGroup):
+        groups = w.shape[0] // w.granularity.size
+        return jnp.broadcast_to(w.scale, (groups, 1, *w.shape[1:])).reshape(groups, n), w.granularity.size
+    return jnp.broadcast_to(w.scale, (1, *w.shape[1:])).reshape(1, n), None
+
+
+def _packed_call(module: nn.Module, x: jax.Array, w: QArray) -> jax.Array:
+    """A frozen Dense / single-axis DenseGeneral layer on :func:`kernels_pallas.packed_matmul`."""
+    from kernels_pallas import packed_matmul
+
+    _, n = _matmul_layout(ModuleEntry((), type(module).__name__, (), None, matmul=True), w)
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis[0] if isinstance(module.axis, tuple) else module.axis
+        x = jnp.moveaxis(x, axis, -1)
+    scales, group_size = _matmul_scales(w, n)
+    zero = None
+    if w.zero_point is not None:
+        zero = _matmul_scales(dataclasses.replace(w, scale=w.zero_point), n)[0]
+    words = w.codes.reshape(w.codes.shape[0], n)
+    y = packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size, zero_point=zero,
+                      signed=w.fmt.signed)
+    dtype = module.dtype or x.dtype
+    y = y.reshape(*y.shape[:-1], *w.shape[1:]).astype(dtype)
+    if module.use_bias:
+        y = y + module.variables["params"]["bias"].astype(dtype)
+    return y
+
+
+def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None = None, **kwargs) -> dict:
+    """Trained variables -> serving variables: each quantized weight becomes a QArray with its codes packed
+    in uint32 words along the contraction axis (axis 0) and its scales, exactly the codes and scales that
+    QAT used. ``args`` are sample inputs (shapes only matter). Learned scales are folded in; the ``quant``
+    collection is dropped."""
+    hparams = qat.check_hparams(hparams)
+    table = qmodel.table(variables, *args, **kwargs)
+    quant = variables.get("quant", {})
+    params = variables["params"]
+    for entry in table.values():
+        for name in entry.weights:
+            where = (*entry.path, name)
+            w = get_path(params, where)
+            if isinstance(w, QArray):
+                continue
+            q = entry.rule.weight
+            qa = quantize(q, w, scale=get_path(quant, where), **qat.surrogate_kwargs(q, hparams))
+            params = set_path(params, where, qa.pack(0))
+    out = {k: v for k, v in variables.items() if k != "quant"}
+    out["params"] = params
+    return out
+
+
+def quantize_model(model: nn.Module, rules, *, warn_unused: bool = True) -> QuantizedModel:
+    """Wrap a Linen model so that ``init``/``apply`` quantize it by ``rules`` (module docstring)."""
+    return QuantizedModel(model, rules, warn_unused=warn_unused)

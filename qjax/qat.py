@@ -1,0 +1,73 @@
+"""Quantization-aware training pieces shared by the Linen and NNX transforms.
+
+Per-step hyperparameters are a dict of (possibly traced) arrays, so a schedule never recompiles:
+
+- ``o``, ``t`` (ReSTE), ``omega`` (BiPer), ``beta`` (SwishSign): passed to each quantizer whose surrogate
+  takes them, ignored by the others;
+- ``enabled``: ``0`` keeps every tensor float (a warm-up), ``1`` quantizes (default 1);
+- ``biper_binarize``: BiPer's two stages (Vargas et al. 2024): ``0`` gives stage 1, weights
+  ``alpha * sin(omega w)`` real-valued; ``1`` (default) stage 2, ``alpha * sign(sin(omega w))``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from qjax import surrogates
+from qjax.quantizer import Quantizer, fake_quant, init_scale
+
+HPARAM_NAMES = ("o", "t", "omega", "beta", "enabled", "biper_binarize")
+
+
+def check_hparams(hparams: dict | None) -> dict:
+    hparams = dict(hparams or {})
+    unknown = sorted(set(hparams) - set(HPARAM_NAMES))
+    if unknown:
+        raise ValueError(f"unknown QAT hyperparameter(s) {unknown}; allowed: {', '.join(HPARAM_NAMES)}")
+    return hparams
+
+
+def surrogate_kwargs(q: Quantizer, hparams: dict) -> dict:
+    """The hyperparameters ``q``'s surrogate takes, from ``hparams``."""
+    if not q.is_sign:
+        return {}
+    accepted = list(inspect.signature(surrogates.SIGN_SURROGATES[q.surrogate]).parameters)[1:]
+    return {k: hparams[k] for k in accepted if k in hparams}
+
+
+def needs_state(q: Quantizer | None) -> bool:
+    """Whether ``q`` has a learned scale, kept in the ``quant`` state."""
+    return q is not None and q.scale == "learned"
+
+
+def initial_scale(q: Quantizer, x: jax.Array) -> jax.Array:
+    """Learned scale start: ``mean|x|`` (binary, XNOR/BiPer's alpha), else LSQ's ``2 mean|x|/sqrt(fmax)``."""
+    return init_scale(q, x, "mean_abs" if q.fmt.kind == "binary" else "lsq_init")
+
+
+def _gate(hparams: dict, quantized: jax.Array, value: jax.Array) -> jax.Array:
+    if "enabled" not in hparams:
+        return quantized
+    return jnp.where(jnp.asarray(hparams["enabled"]) > 0, quantized, value)
+
+
+def quantize_weight(q: Quantizer, w: jax.Array, scale: jax.Array | None, hparams: dict) -> jax.Array:
+    """The fake-quantized weight for QAT, honouring ``enabled`` and BiPer's stage."""
+    y = fake_quant(q, w, scale=scale, **surrogate_kwargs(q, hparams))
+    if q.is_sign and q.surrogate == "biper" and "biper_binarize" in hparams:
+        omega = surrogates.as_hyperparameter(hparams.get("omega", 20.0), "omega")
+        alpha = scale if scale is not None else jax.lax.stop_gradient(init_scale(q, w, q.scale))
+        gran = q.granularity.resolve(w.shape)
+        wave = gran.from_blocks(alpha * jnp.sin(omega * gran.to_blocks(w).astype(jnp.float32)), w.shape)
+        y = jnp.where(jnp.asarray(hparams["biper_binarize"]) > 0, y, wave.astype(w.dtype))
+    return _gate(hparams, y, w)
+
+
+def quantize_input(q: Quantizer, x: jax.Array, scale: jax.Array | None, hparams: dict) -> jax.Array:
+    """The fake-quantized input (or activation operand) for QAT, honouring ``enabled``."""
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+        return x  # token ids and masks pass through
+    return _gate(hparams, fake_quant(q, x, scale=scale, **surrogate_kwargs(q, hparams)), x)

@@ -1,0 +1,120 @@
+"""The NNX transform: in place, no copies, QAT by rules, learned scales, schedules, attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qjax import PerChannel, PerToken, Quantizer, fake_quant
+from qjax import nnx as qn
+from qjax.rules import Rule
+
+W4 = Quantizer("int4", PerChannel(-1))
+A8 = Quantizer("int8", PerToken(-1))
+RESTE = Quantizer("binary", PerChannel(-1), "mean_abs", "reste")
+X = jax.random.normal(jax.random.key(1), (4, 8))
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 32, rngs=rngs)
+        self.l2 = nnx.Linear(32, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=4, decode=False, rngs=rngs)
+        self.ein = nnx.Einsum("btd,dh->bth", (4, 6), rngs=rngs)
+
+    def __call__(self, x):
+        h = self.conv(x)  # (b, h, w, 4)
+        h = h.reshape(h.shape[0], -1, 4)
+        return self.ein(self.attn(h))
+
+
+def test_in_place_without_copying_parameters():
+    model = MLP(nnx.Rngs(0))
+    before = model(X)
+    params = {n: getattr(model, n).kernel for n in ("l1", "l2")}
+    pointers = {n: p.get_value().unsafe_buffer_pointer() for n, p in params.items()}
+    qn.quantize_model(model, [Rule("l1", weight=RESTE, input=A8), Rule("l2", weight=W4)])
+    for n, p in params.items():
+        assert getattr(model, n).kernel is p
+        assert p.get_value().unsafe_buffer_pointer() == pointers[n]
+    w1 = fake_quant(RESTE, model.l1.kernel.get_value())
+    h = jax.nn.relu(fake_quant(A8, X) @ w1 + model.l1.bias.get_value())
+    expected = h @ fake_quant(W4, model.l2.kernel.get_value()) + model.l2.bias.get_value()
+    np.testing.assert_allclose(model(X), expected, rtol=1e-6, atol=1e-6)
+    qn.unquantize_model(model)
+    np.testing.assert_array_equal(model(X), before)
+
+
+def test_schedule_under_nnx_jit_does_not_recompile():
+    model = MLP(nnx.Rngs(0))
+    hparams = qn.quantize_model(model, [Rule(".*", weight=RESTE)], hparams={"o": 1.0})
+    traces = []
+
+    @nnx.jit
+    def grads(model, x):
+        traces.append(1)
+        return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+
+    results = []
+    for o in (1.0, 2.0, 3.0):
+        hparams.set(o=o)
+        results.append(grads(model, X).l1.kernel.get_value())
+    assert len(traces) == 1
+    assert not np.allclose(results[0], results[-1])  # the traced o really changed the backward
+    with pytest.raises(ValueError, match="'omega' was not declared"):
+        hparams.set(omega=3.0)
+
+
+def test_learned_scales_are_variables_and_get_gradients():
+    model = MLP(nnx.Rngs(0))
+    qn.quantize_model(model, [Rule(".*", weight=Quantizer("int4", PerChannel(-1), "learned"))])
+    scales = nnx.state(model, qn.QuantScale)
+    assert len(jax.tree_util.tree_leaves(scales)) == 2
+    diff = nnx.DiffState(0, (nnx.Param, qn.QuantScale))
+    grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2), argnums=diff)(model)
+    g = grads.l2.dot_general.weight_scale.get_value()
+    assert g.shape == (1, 3) and np.all(g != 0)
+
+
+def test_conv_einsum_attention_types():
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
+    before = model(x)
+    rules = [Rule("conv|ein|attn/(query|key|value|out)", weight=W4, input=A8),
+             Rule("attn", types=("MultiHeadAttention",), activations=Quantizer("int4", PerToken(-1)))]
+    qn.quantize_model(model, rules)
+    table = qn.module_table(model, rules)
+    assert table["attn"][1] is rules[1] and table["attn/query"][1] is rules[0]
+    after = model(x)
+    assert after.shape == before.shape and float(jnp.max(jnp.abs(after - before))) > 1e-3
+    assert "conv" in qn.dry_run(model, rules)
+
+
+def test_refuses_unsupported_module_and_double_quantization():
+    class Custom(nnx.Module):
+        def __init__(self):
+            self.kernel = nnx.Param(jnp.ones((3, 3)))
+
+    with pytest.raises(ValueError, match=r"type Custom matched rule.*allowed types: Linear"):
+        qn.quantize_model(Custom(), [Rule(".*", weight=W4)])
+    model = MLP(nnx.Rngs(0))
+    qn.quantize_model(model, [Rule(".*", weight=W4)])
+    with pytest.raises(ValueError, match="already quantized"):
+        qn.quantize_model(model, [Rule(".*", weight=W4)])
+
+
+def test_float_path_when_nothing_matches():
+    model = MLP(nnx.Rngs(0))
+    before = model(X)
+    with pytest.warns(UserWarning, match="matched no module"):
+        qn.quantize_model(model, [Rule("nothing", weight=W4)])
+    np.testing.assert_array_equal(model(X), before)

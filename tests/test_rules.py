@@ -1,0 +1,68 @@
+"""Rules: first match wins, types, serialization, unused-rule warnings."""
+
+import warnings
+
+import pytest
+
+from qjax import PerChannel, PerGroup, PerToken, Quantizer
+from qjax.rules import Rule, assign, format_table, match, rules_from_json, rules_to_json
+
+W4 = Quantizer("int4", PerGroup(0, 32))
+BIN = Quantizer("binary", PerChannel(-1), "mean_abs", "reste")
+
+
+def test_first_match_wins_and_types():
+    rules = [Rule(r".*head", weight=W4, name="head"), Rule(r".*", types=("Dense",), weight=BIN),
+             Rule(r"block_\d+/.*", weight=W4)]
+    assert match(rules, "lm_head", "Dense").name == "head"
+    assert match(rules, "block_0/mlp_in", "Dense") is rules[1]
+    assert match(rules, "block_0/attention/query", "DenseGeneral") is rules[2]
+    assert match(rules, "embed", "Embed") is None
+
+
+def test_path_is_a_full_match():
+    rule = Rule("Dense_1", weight=W4)
+    assert rule.matches("Dense_1", "Dense") and not rule.matches("Dense_10", "Dense")
+    assert not rule.matches("x/Dense_1", "Dense")
+
+
+def test_types_accept_classes():
+    import flax.linen as nn
+
+    assert Rule(".*", types=(nn.Dense, "Conv")).types == ("Dense", "Conv")
+    assert Rule(".*", types="Conv").types == ("Conv",)
+
+
+def test_assign_table_and_unused_warning():
+    rules = [Rule("a", weight=W4), Rule("never", weight=BIN, name="unused-rule")]
+    with pytest.warns(UserWarning, match="unused-rule"):
+        table = assign(rules, [("a", "Dense"), ("b", "Dense")])
+    assert table == {"a": rules[0], "b": None}
+    text = format_table(table)
+    assert "a" in text and "-" in text.splitlines()[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assign(rules[:1], [("a", "Dense")])
+
+
+def test_json_round_trip():
+    rules = (Rule(r"block_\d+/.*", types=("Dense", "DenseGeneral"), weight=W4,
+                  input=Quantizer("int8", PerToken(-1)), name="blocks"),
+             Rule(".*attention", activations=Quantizer("int8", PerToken((-1,)))),
+             Rule(".*", weight=Quantizer("binary", PerChannel((-1,)), "learned", "biper"),
+                  weight_names=("w",)))
+    assert rules_from_json(rules_to_json(rules)) == rules
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"path": "("}, r"Rule path '\(' is not a valid regex"),
+    ({"weight": "int4"}, r"Rule.weight must be a Quantizer or None, got 'int4'"),
+])
+def test_bad_rules(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Rule(**kwargs)
+
+
+def test_rules_must_be_rules():
+    with pytest.raises(ValueError, match=r"must be qjax\.rules\.Rule objects"):
+        assign(["Dense"], [])
