@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import qat
+from qjax.int_matmul import int8_qat_matmul, integer_eligible
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
 from qjax.rules import Rule, check_rules, format_table
@@ -154,6 +155,13 @@ class QuantizedModel:
             self._tables[key] = self._entries(modules)
         return self._tables[key]
 
+    def paths(self, variables, *args, hparams: dict | None = None, **kwargs) -> dict[str, str]:
+        """Module path -> how its contraction runs (:func:`execution_path`) for these variables."""
+        hparams = qat.check_hparams(hparams)
+        table = self.table(variables, *args, **kwargs)
+        return {name: execution_path(e, variables["params"], hparams) for name, e in table.items()
+                if e.rule is not None}
+
     def dry_run(self, variables, *args, **kwargs) -> str:
         """The printable table of module path -> rule (``-`` for float); also warns about unused rules."""
         return format_table({name: e.rule for name, e in self.table(variables, *args, **kwargs).items()})
@@ -196,6 +204,8 @@ class QuantizedModel:
         quant = variables.get("quant", {})
         params = variables["params"]
         for entry in table.values():
+            if execution_path(entry, params, hparams) == INT8:
+                continue  # the interceptor quantizes this weight itself
             for name in entry.weights:
                 where = (*entry.path, name)
                 w = get_path(params, where)
@@ -230,15 +240,20 @@ class QuantizedModel:
                 return next_fun(*args, **kwargs)
             entry = table.get("/".join(str(p) for p in context.module.path))
             rule = entry.rule if entry else None
+            path = execution_path(entry, params, hparams) if entry is not None else FLOAT
+            input_scale = get_path(quant, (*entry.path, INPUT_KEY)) if entry is not None else None
+            if path == INT8:
+                w = get_path(params, (*entry.path, entry.weights[0]))
+                w_scale = get_path(quant, (*entry.path, entry.weights[0]))
+                return _dense_like_call(context.module, args[0], lambda x: int8_qat_matmul(
+                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams))
             if rule is not None and rule.input is not None and args:
-                scale = get_path(quant, (*entry.path, INPUT_KEY))
-                args = (qat.quantize_input(rule.input, args[0], scale, hparams), *args[1:])
+                args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
             active.append(rule.activations if rule is not None else None)
             try:
-                if entry is not None and entry.weights:
+                if path == PACKED:
                     w = get_path(params, (*entry.path, entry.weights[0]))
-                    if isinstance(w, QArray) and _runs_packed(entry, w):
-                        return _packed_call(context.module, args[0], w)
+                    return _dense_like_call(context.module, args[0], lambda x: _packed_matmul(x, w))
                 return next_fun(*args, **kwargs)
             finally:
                 active.pop()
@@ -306,26 +321,50 @@ def _matmul_scales(w: QArray, n: int) -> tuple[jax.Array, int | None]:
     return jnp.broadcast_to(w.scale, (1, *w.shape[1:])).reshape(1, n), None
 
 
-def _packed_call(module: nn.Module, x: jax.Array, w: QArray) -> jax.Array:
-    """A frozen Dense / single-axis DenseGeneral layer on :func:`kernels_pallas.packed_matmul`."""
-    from kernels_pallas import packed_matmul
+def _packed_matmul(x: jax.Array, w: QArray) -> jax.Array:
+    """``x (..., K) @ w`` for a frozen ``(K, *features)`` weight, on :func:`kernels_pallas.packed_matmul`."""
+    import kernels_pallas
 
-    _, n = _matmul_layout(ModuleEntry((), type(module).__name__, (), None, matmul=True), w)
-    if isinstance(module, nn.DenseGeneral):
-        axis = module.axis[0] if isinstance(module.axis, tuple) else module.axis
-        x = jnp.moveaxis(x, axis, -1)
+    _, n = _matmul_layout(ModuleEntry((), "", (), None, matmul=True), w)
     scales, group_size = _matmul_scales(w, n)
     zero = None
     if w.zero_point is not None:
         zero = _matmul_scales(dataclasses.replace(w, scale=w.zero_point), n)[0]
     words = w.codes.reshape(w.codes.shape[0], n)
-    y = packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size, zero_point=zero,
-                      signed=w.fmt.signed)
+    y = kernels_pallas.packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size,
+                                     zero_point=zero, signed=w.fmt.signed)
+    return y.reshape(*y.shape[:-1], *w.shape[1:])
+
+
+def _dense_like_call(module: nn.Module, x: jax.Array, matmul) -> jax.Array:
+    """A Dense / single-axis DenseGeneral layer with its contraction done by ``matmul(x (..., K))``."""
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis[0] if isinstance(module.axis, tuple) else module.axis
+        x = jnp.moveaxis(x, axis, -1)
     dtype = module.dtype or x.dtype
-    y = y.reshape(*y.shape[:-1], *w.shape[1:]).astype(dtype)
+    y = matmul(x).astype(dtype)
     if module.use_bias:
         y = y + module.variables["params"]["bias"].astype(dtype)
     return y
+
+
+FLOAT, FAKE_QUANT, INT8, PACKED, DEQUANTIZED = (
+    "float", "fake-quant float", "int8 dot_general", "packed matmul", "dequantized float")
+
+
+def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) -> str:
+    """How a module's contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` (QAT with
+    integer codes, :mod:`qjax.int_matmul`), ``fake-quant float``, ``packed matmul`` (frozen, integer codes)
+    or ``dequantized float`` (frozen, other formats or layouts)."""
+    if entry is None or not entry.weights:
+        return FLOAT
+    w = get_path(params, (*entry.path, entry.weights[0]))
+    if isinstance(w, QArray):
+        return PACKED if _runs_packed(entry, w) else DEQUANTIZED
+    if entry.matmul and len(entry.weights) == 1 and integer_eligible(entry.rule.weight, entry.rule.input,
+                                                                      hparams):
+        return INT8
+    return FAKE_QUANT
 
 
 def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None = None, **kwargs) -> dict:

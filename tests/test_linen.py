@@ -110,8 +110,10 @@ def test_enabled_zero_is_the_float_model():
     variables = qmodel.init(jax.random.key(0), X)
     off = qmodel.apply(variables, X, hparams={"enabled": 0.0})
     np.testing.assert_array_equal(off, MLP().apply(variables, X))
-    on = qmodel.apply(variables, X, hparams={"enabled": 1.0})
-    np.testing.assert_array_equal(on, qmodel.apply(variables, X))
+    on = qmodel.apply(variables, X, hparams={"enabled": 1.0})  # the fake-quant float path
+    assert qmodel.paths(variables, X, hparams={"enabled": 1.0})["Dense_0"] == ql.FAKE_QUANT
+    assert qmodel.paths(variables, X)["Dense_0"] == ql.INT8
+    np.testing.assert_allclose(on, qmodel.apply(variables, X), rtol=1e-5, atol=1e-6)
 
 
 def test_biper_two_stages():

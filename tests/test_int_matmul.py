@@ -1,0 +1,63 @@
+"""The exact integer QAT path: int8 x int8 -> int32 equals the fake-quant product up to float rounding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import PerChannel, PerGroup, PerTensor, PerToken, Quantizer
+from qjax.int_matmul import _fake_quant_matmul, int8_qat_matmul, integer_eligible
+
+X = jax.random.normal(jax.random.key(0), (2, 5, 64))
+W = jax.random.normal(jax.random.key(1), (64, 4, 6)) * 0.1
+
+ELIGIBLE = [
+    (Quantizer("int8", PerChannel(-1)), Quantizer("int8", PerToken(-1))),
+    (Quantizer("int4", PerChannel((-2, -1))), Quantizer("int8", PerTensor())),
+    (Quantizer("int2", PerTensor()), Quantizer("int4", PerToken(-1))),
+    (Quantizer("ternary", PerChannel(-1), "mean_abs"), Quantizer("int8", PerToken(-1))),
+    (Quantizer("binary", PerChannel(-1), "mean_abs", "reste"),
+     Quantizer("binary", PerToken(-1), "mean_abs", "approx_sign")),
+]
+
+
+@pytest.mark.parametrize("weight,inputs", ELIGIBLE, ids=lambda q: f"{q.format}")
+def test_equals_fake_quant_product_and_gradients(weight, inputs):
+    assert integer_eligible(weight, inputs, {})
+    y = jax.jit(lambda x, w: int8_qat_matmul(x, w, weight, inputs))(X, W)
+    ref = _fake_quant_matmul(X, W, None, None, {}, weight, inputs)
+    assert y.shape == (2, 5, 4, 6)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+    g = jax.grad(loss(lambda x, w: int8_qat_matmul(x, w, weight, inputs, hparams={"o": 2.0})), (0, 1))(X, W)
+    g_ref = jax.grad(loss(lambda x, w: _fake_quant_matmul(x, w, None, None, {"o": 2.0}, weight, inputs)),
+                     (0, 1))(X, W)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_learned_scales_get_gradients():
+    weight = Quantizer("int4", PerChannel(-1), "learned")
+    inputs = Quantizer("int8", PerTensor(), "learned")
+    ws, xs = jnp.full((1, 1, 6), 0.05), jnp.full((1, 1, 1), 0.03)
+    g = jax.grad(lambda a, b: jnp.sum(int8_qat_matmul(X, W, weight, inputs, b, a) ** 2), (0, 1))(ws, xs)
+    ref = lambda a, b: jnp.sum(_fake_quant_matmul(X, W, b, a, {}, weight, inputs) ** 2)
+    g_ref = jax.grad(ref, (0, 1))(ws, xs)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight,inputs,hparams", [
+    (Quantizer("int4", PerGroup(0, 16)), Quantizer("int8", PerToken(-1)), {}),
+    (Quantizer("uint4", PerChannel(-1), "minmax"), Quantizer("int8", PerToken(-1)), {}),
+    (Quantizer("nf4", PerChannel(-1)), Quantizer("int8", PerToken(-1)), {}),
+    (Quantizer("int4", PerChannel(-1)), Quantizer("fp8_e4m3", PerToken(-1)), {}),
+    (Quantizer("int4", PerChannel(0)), Quantizer("int8", PerToken(-1)), {}),
+    (Quantizer("int4", PerChannel(-1)), Quantizer("int8", PerToken(0)), {}),
+    (Quantizer("int4", PerChannel(-1)), Quantizer("int8", PerToken(-1)), {"enabled": 1.0}),
+    (Quantizer("int4", PerChannel(-1)), None, {}),
+    (Quantizer("binary", PerChannel(-1), "learned", "biper"), Quantizer("int8", PerToken(-1)), {}),
+], ids=["group", "minmax", "nf4", "fp8-input", "per-input-channel", "token-axis-0", "enabled", "no-input",
+        "biper"])
+def test_ineligible(weight, inputs, hparams):
+    assert not integer_eligible(weight, inputs, hparams)
