@@ -1,10 +1,15 @@
 """qjax: low-bit neural networks in JAX/Flax.
 
+``qjax.linen`` and ``qjax.nnx`` are left out of ``__all__`` so that ``from qjax import *`` never shadows
+Flax's own ``nnx`` or ``linen``.
+
 The flat public API: quantizers with surrogate gradients, formats, granularities, QArray and packing; rules
 and the Linen / NNX transforms (``qjax.linen``, ``qjax.nnx``), checkpoints and summaries.
 """
 
-from qjax import checkpoint, formats, linen, nnx, packing, presets, qat, rules, summary, surrogates
+from qjax import checkpoint, formats, packing, presets, qat, rules, summary, surrogates
+from qjax import linen as linen
+from qjax import nnx as nnx
 from qjax.formats import FORMAT_NAMES, Format, dynamic_map, get_format
 from qjax.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize
@@ -31,8 +36,6 @@ __all__ = [
     "formats",
     "get_format",
     "init_scale",
-    "linen",
-    "nnx",
     "packing",
     "presets",
     "qat",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from qjax.int_matmul import int8_qat_matmul, integer_eligible
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
 from qjax.rules import Rule, check_rules, format_table
+from qjax.serving import frozen_matmul, packed_layout
 
 INPUT_KEY = "__input__"
 
@@ -253,7 +253,7 @@ class QuantizedModel:
             try:
                 if path == PACKED:
                     w = get_path(params, (*entry.path, entry.weights[0]))
-                    return _dense_like_call(context.module, args[0], lambda x: _packed_matmul(x, w))
+                    return _dense_like_call(context.module, args[0], lambda x: frozen_matmul(x, w))
                 return next_fun(*args, **kwargs)
             finally:
                 active.pop()
@@ -290,50 +290,8 @@ def _quantized_contractions(active: list, hparams: dict):
 
 # --- frozen models -----------------------------------------------------------------------------------
 
-def _matmul_layout(entry: ModuleEntry, w: QArray) -> tuple[int, int] | None:
-    """(K, N) when the frozen weight can run on the packed matmul, else None."""
-    from qjax.granularity import PerChannel, PerGroup, PerTensor
-
-    if not entry.matmul or w.fmt.kind not in ("int", "binary", "ternary"):
-        return None
-    if w.bases != 1 or w.packing is None or w.packing[0] != -len(w.shape):
-        return None
-    gran = w.granularity
-    if isinstance(gran, PerChannel) and 0 in {a % len(w.shape) for a in gran.axis}:
-        return None
-    if isinstance(gran, PerGroup) and gran.axis % len(w.shape) != 0:
-        return None
-    if not isinstance(gran, PerTensor | PerChannel | PerGroup):
-        return None
-    return w.shape[0], math.prod(w.shape[1:])
-
-
 def _runs_packed(entry: ModuleEntry, w: QArray) -> bool:
-    return _matmul_layout(entry, w) is not None
-
-
-def _matmul_scales(w: QArray, n: int) -> tuple[jax.Array, int | None]:
-    from qjax.granularity import PerGroup
-
-    if isinstance(w.granularity, PerGroup):
-        groups = w.shape[0] // w.granularity.size
-        return jnp.broadcast_to(w.scale, (groups, 1, *w.shape[1:])).reshape(groups, n), w.granularity.size
-    return jnp.broadcast_to(w.scale, (1, *w.shape[1:])).reshape(1, n), None
-
-
-def _packed_matmul(x: jax.Array, w: QArray) -> jax.Array:
-    """``x (..., K) @ w`` for a frozen ``(K, *features)`` weight, on :func:`kernels_pallas.packed_matmul`."""
-    import kernels_pallas
-
-    _, n = _matmul_layout(ModuleEntry((), "", (), None, matmul=True), w)
-    scales, group_size = _matmul_scales(w, n)
-    zero = None
-    if w.zero_point is not None:
-        zero = _matmul_scales(dataclasses.replace(w, scale=w.zero_point), n)[0]
-    words = w.codes.reshape(w.codes.shape[0], n)
-    y = kernels_pallas.packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size,
-                                     zero_point=zero, signed=w.fmt.signed)
-    return y.reshape(*y.shape[:-1], *w.shape[1:])
+    return entry.matmul and packed_layout(w) is not None
 
 
 def _dense_like_call(module: nn.Module, x: jax.Array, matmul) -> jax.Array:

@@ -16,7 +16,9 @@ module                                   attribute replaced           quantized 
 The injected :class:`QuantizedOp` is itself an ``nnx.Module``: learned scales are :class:`QuantScale`
 variables inside it, and every op shares one :class:`Hyperparams` module whose variables (``o``, ``omega``,
 ``enabled``, ...; see :mod:`qjax.qat`) are traced under ``nnx.jit``, so a schedule never recompiles.
-``unquantize_model`` restores the original operations.
+``unquantize_model`` restores the original operations. ``freeze(model)`` replaces each quantized weight by a
+:class:`PackedWeight` (packed QArray codes + scales); Linear and LinearGeneral layers then run on the packed
+matmul. Learned scales train with ``nnx.grad(..., argnums=nnx.DiffState(0, (nnx.Param, QuantScale)))``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax import qat
-from qjax.quantizer import Quantizer
+from qjax.qarray import QArray, dequantize
+from qjax.quantizer import Quantizer, quantize
 from qjax.rules import Rule, check_rules, format_table
+from qjax.serving import frozen_matmul, packed_layout
 
 OP_ATTRIBUTES: dict[str, str] = {
     "Linear": "dot_general",
@@ -47,6 +51,19 @@ _DEFAULT_OPS: dict[str, Callable[[], Callable]] = {  # what a module uses when i
     "einsum_op": lambda: jnp.einsum,
     "attention_fn": lambda: nnx.dot_product_attention,
 }
+
+
+class PackedWeight(nnx.Variable):
+    """A frozen weight stored as a packed :class:`~qjax.QArray`; reading it (``w[...]``, ``get_value``)
+    gives the dequantized array, so a module that reads its kernel works unchanged."""
+
+    def get_value(self, *, index=None):
+        value = dequantize(self.get_raw_value())
+        return value if index is None or index is Ellipsis else value[index]
+
+    @property
+    def qarray(self) -> QArray:
+        return self.get_raw_value()
 
 
 class QuantScale(nnx.Variable):
@@ -90,6 +107,7 @@ class QuantizedOp(nnx.Module):
         learned = qat.needs_state(rule.weight) and weight is not None
         self.weight_scale = nnx.data(QuantScale(qat.initial_scale(rule.weight, weight)) if learned else None)
         self.input_scale = nnx.data(None)
+        self.frozen = nnx.data(None)  # the module's PackedWeight once frozen
 
     def _scale(self, variable):
         return None if variable is None else variable.get_value()
@@ -102,8 +120,26 @@ class QuantizedOp(nnx.Module):
             return w
         return qat.quantize_weight(self.rule.weight, w, self._scale(self.weight_scale), hp)
 
+    def _frozen_call(self, x, w, dims, **kwargs):
+        contracting, batch = dims
+        single = contracting == ((x.ndim - 1,), (0,)) and batch == ((), ())
+        if self.type_name in ("Linear", "LinearGeneral") and single and packed_layout(self.frozen.qarray):
+            dtype = kwargs.get("preferred_element_type") or x.dtype
+            return frozen_matmul(x, self.frozen.qarray).astype(dtype)
+        return self.op(x, w, dims, **kwargs)
+
     def __call__(self, *args, **kwargs):
         hp = self.hparams.as_dict()
+        if self.frozen is not None and self.type_name not in ("Einsum", "MultiHeadAttention"):
+            x, w, dims, *rest = args
+            kwargs = {k: v for k, v in kwargs.items() if k != "out_sharding" or v is not None}
+            x = self._input(self.rule.input, x, hp)
+            if self.type_name in ("Linear", "LinearGeneral"):
+                return self._frozen_call(x, w, dims, *rest, **kwargs)
+            return self.op(x, w, dims, *rest, **kwargs)
+        if self.frozen is not None and self.type_name == "Einsum":
+            subscripts, x, w, *rest = args
+            return self.op(subscripts, self._input(self.rule.input, x, hp), w, *rest, **kwargs)
         if self.type_name == "MultiHeadAttention":
             q = self.rule.activations
             args = tuple(self._input(q, a, hp) if i < 3 else a for i, a in enumerate(args))
@@ -186,6 +222,33 @@ def quantize_model(model: nnx.Module, rules, *, hparams: dict | None = None,
             warnings.warn(f"qjax rules matched no module: {unused}; modules: {sorted(table)[:20]}",
                           stacklevel=2)
     return shared
+
+
+def freeze(model: nnx.Module) -> None:
+    """Turn a quantized model's trained weights into packed QArrays, in place.
+
+    Each weight a rule quantizes becomes a :class:`PackedWeight` holding exactly the codes and scales that
+    QAT used (learned scales folded in), packed in uint32 words along axis 0; Linear and single-axis
+    LinearGeneral layers with integer codes then run on :func:`kernels_pallas.packed_matmul`, other modules
+    read the dequantized weight. Inputs keep their QAT quantizers.
+    """
+    for _, module in nnx.iter_modules(model):
+        attribute = OP_ATTRIBUTES.get(type(module).__name__)
+        op = getattr(module, attribute, None) if attribute else None
+        if not isinstance(op, QuantizedOp) or op.rule.weight is None or op.frozen is not None:
+            continue
+        names = op.rule.weight_names
+        name = next((n for n in names if isinstance(getattr(module, n, None), nnx.Param)), None)
+        if name is None:
+            continue
+        q = op.rule.weight
+        hp = op.hparams.as_dict()
+        qa = quantize(q, getattr(module, name).get_value(), scale=op._scale(op.weight_scale),
+                      **qat.surrogate_kwargs(q, hp))
+        packed = PackedWeight(qa.pack(0))
+        setattr(module, name, packed)
+        op.frozen = packed
+        op.weight_scale = None
 
 
 def unquantize_model(model: nnx.Module) -> None:

@@ -118,3 +118,36 @@ def test_float_path_when_nothing_matches():
     with pytest.warns(UserWarning, match="matched no module"):
         qn.quantize_model(model, [Rule("nothing", weight=W4)])
     np.testing.assert_array_equal(model(X), before)
+
+
+def test_freeze_in_place_packs_weights_and_keeps_outputs(monkeypatch):
+    model = Net(nnx.Rngs(0))
+    model.lin = nnx.Linear(4, 5, rngs=nnx.Rngs(1))
+    model.gen = nnx.LinearGeneral(5, (2, 3), rngs=nnx.Rngs(2))
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
+
+    def forward(m, x):
+        h = m.conv(x).reshape(2, -1, 4)
+        return m.gen(jax.nn.relu(m.lin(h))), m.ein(h)
+
+    rules = [Rule("lin", weight=Quantizer("int4", PerChannel(-1), "learned"), input=A8),
+             Rule("gen|conv|ein", weight=Quantizer("ternary", PerChannel(-1), "mean_abs"))]
+    qn.quantize_model(model, rules)
+    expected = forward(model, x)
+    qn.freeze(model)
+    for name in ("lin", "gen", "conv", "ein"):
+        kernel = getattr(model, name).kernel
+        assert isinstance(kernel, qn.PackedWeight) and kernel.qarray.codes.dtype == jnp.uint32
+    import kernels_pallas
+
+    calls = []
+    original = kernels_pallas.packed_matmul
+    monkeypatch.setattr(kernels_pallas, "packed_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for got, want in zip(forward(model, x), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # lin and gen on the packed matmul; conv and einsum read the dequantized kernel
+    jitted = nnx.jit(forward)(model, x)
+    np.testing.assert_allclose(jitted[0], expected[0], rtol=1e-5, atol=1e-5)
+    leaves = jax.tree_util.tree_leaves(nnx.state(model.lin))
+    assert any(leaf.dtype == jnp.uint32 for leaf in leaves)
+    assert not any(leaf.shape == (4, 5) for leaf in leaves)

@@ -1,0 +1,59 @@
+"""Serving a frozen weight: ``x @ W`` straight from a packed :class:`~qjax.QArray`.
+
+A frozen ``(K, *features)`` weight whose codes are integers (int, binary, ternary), packed along K (axis 0)
+and scaled per tensor, per output channel or per group along K, runs on
+:func:`kernels_pallas.packed_matmul` without ever materialising the float weight. Other frozen weights
+(NF4, fp8, multi-basis, other layouts) are dequantized first. Shared by the Linen and NNX transforms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax.granularity import PerChannel, PerGroup, PerTensor
+from qjax.qarray import QArray
+
+
+def packed_layout(w: QArray) -> tuple[int, int] | None:
+    """``(K, N)`` when ``w`` can run on the packed matmul as a ``(K, N)`` matrix, else ``None``."""
+    if not isinstance(w, QArray) or w.fmt.kind not in ("int", "binary", "ternary"):
+        return None
+    if w.bases != 1 or w.packing is None or w.packing[0] != -len(w.shape):
+        return None
+    gran = w.granularity
+    if isinstance(gran, PerChannel) and 0 in {a % len(w.shape) for a in gran.axis}:
+        return None
+    if isinstance(gran, PerGroup) and gran.axis % len(w.shape) != 0:
+        return None
+    if not isinstance(gran, PerTensor | PerChannel | PerGroup):
+        return None
+    return w.shape[0], math.prod(w.shape[1:])
+
+
+def _matrix_scales(w: QArray, values: jax.Array, n: int) -> tuple[jax.Array, int | None]:
+    """Per-(group, column) scales (or zero points) of ``w`` as a ``(groups, N)`` matrix."""
+    if isinstance(w.granularity, PerGroup):
+        groups = w.shape[0] // w.granularity.size
+        return jnp.broadcast_to(values, (groups, 1, *w.shape[1:])).reshape(groups, n), w.granularity.size
+    return jnp.broadcast_to(values, (1, *w.shape[1:])).reshape(1, n), None
+
+
+def frozen_matmul(x: jax.Array, w: QArray, backend: str = "auto") -> jax.Array:
+    """``x (..., K) @ w`` for a frozen ``(K, *features)`` weight: the packed matmul when
+    :func:`packed_layout` allows it, else the dequantized weight. float32 ``(..., *features)``."""
+    layout = packed_layout(w)
+    if layout is None:
+        return jnp.tensordot(x.astype(jnp.float32), w.dequantize().astype(jnp.float32), axes=1)
+    import kernels_pallas
+
+    _, n = layout
+    scales, group_size = _matrix_scales(w, w.scale, n)
+    zero = None if w.zero_point is None else _matrix_scales(w, w.zero_point, n)[0]
+    words = w.codes.reshape(w.codes.shape[0], n)
+    y = kernels_pallas.packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size,
+                                     zero_point=zero, signed=w.fmt.signed, backend=backend)
+    return y.reshape(*y.shape[:-1], *w.shape[1:])
+
