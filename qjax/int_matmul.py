@@ -27,76 +27,96 @@ from qjax.quantizer import Quantizer, fake_quant, quantize
 INT_KINDS = ("int", "binary", "ternary")
 
 
-def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict) -> bool:
-    """Whether a ``(K, *features)`` weight and ``(..., K)`` input can take the int8 path: signed integer
-    codes of up to 8 bits without zero point, weight and input scales constant along K, and no per-step
-    switch (``enabled``, ``biper_binarize``) that swaps the quantized value for a float one."""
+def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict,
+                     w_ndim: int = 2, contract: int = 1) -> bool:
+    """Whether a ``(*K, *features)`` weight (``contract`` leading contraction axes, rank ``w_ndim``) and an
+    ``(..., *K)`` input can take the int8 path: signed integer codes of up to 8 bits without zero point,
+    weight scales constant along K (per tensor or per output channel), input scales constant along K (per
+    tensor, or per token over the contracted axes), and no per-step switch (``enabled``, ``biper_binarize``)
+    that swaps the quantized value for a float one."""
     if weight is None or inputs is None or {"enabled", "biper_binarize"} & set(hparams):
+        return False
+    if not 1 <= contract < w_ndim:
         return False
     for q in (weight, inputs):
         if q.fmt.kind not in INT_KINDS or not q.fmt.signed or q.bases != 1 or q.scale == "minmax":
             return False
     if weight.is_sign and weight.surrogate == "biper":
-        return False  # BiPer's codes are sign(sin(omega w)), still integer, but keep its float stages uniform
+        return False  # BiPer's stage switch and sin-wave codes stay on the fake-quant path
     gw, gx = weight.granularity, inputs.granularity
-    weight_ok = isinstance(gw, PerTensor) or (isinstance(gw, PerChannel) and _keeps_only_outputs(gw))
-    input_ok = isinstance(gx, PerTensor) or (isinstance(gx, PerToken) and _reduces_last(gx))
+    weight_ok = isinstance(gw, PerTensor) or (
+        isinstance(gw, PerChannel) and all(a % w_ndim >= contract for a in _axes(gw)))
+    input_ok = isinstance(gx, PerTensor) or (
+        isinstance(gx, PerToken) and sorted(_axes(gx)) == list(range(-contract, 0)))
     return weight_ok and input_ok
 
 
-def _keeps_only_outputs(g: PerChannel) -> bool:
-    axes = g.axis if isinstance(g.axis, tuple) else (g.axis,)
-    return all(a != 0 for a in axes) and all(a < 0 for a in axes)
+def _axes(g) -> tuple[int, ...]:
+    return g.axis if isinstance(g.axis, tuple) else (g.axis,)
 
 
-def _reduces_last(g: PerToken) -> bool:
-    axes = g.axis if isinstance(g.axis, tuple) else (g.axis,)
-    return tuple(axes) in ((-1,),)
-
-
-def _fake_quant_matmul(x, w, x_scale, w_scale, hparams, weight, inputs):
-    xq = fake_quant(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
-    wq = fake_quant(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
-    return jnp.tensordot(xq.astype(jnp.float32), wq.astype(jnp.float32), axes=1)
+def _fake_quant_vjp(q: Quantizer, x, scale, hparams):
+    """``fake_quant(q, x)`` and its VJP function (a pytree that can be a custom_vjp residual)."""
+    return jax.vjp(lambda v, s: fake_quant(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), x, scale)
 
 
 def int8_qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
                     x_scale: jax.Array | None = None, w_scale: jax.Array | None = None,
-                    hparams: dict | None = None) -> jax.Array:
-    """``fake_quant(inputs, x) @ fake_quant(weight, w)`` computed as an int8 x int8 -> int32 matmul.
+                    hparams: dict | None = None, contract: int = 1) -> jax.Array:
+    """``fake_quant(inputs, x) . fake_quant(weight, w)`` contracted over ``contract`` axes, computed as an
+    int8 x int8 -> int32 matmul.
 
-    ``x``: ``(..., K)``; ``w``: ``(K, *features)``; returns float32 ``(..., *features)``. Gradients are
+    ``x``: ``(..., *K)``; ``w``: ``(*K, *features)``; returns float32 ``(..., *features)``. Gradients are
     those of the fake-quant product. See the module docstring.
     """
-    hparams = dict(hparams or {})
-    return _int8_matmul(x, w, x_scale, w_scale, hparams, weight, inputs)
+    return _int8_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract)
 
 
-def _int8_forward(x, w, x_scale, w_scale, hparams, weight, inputs):
+def _int8_product(qx, qw, x_shape, w_shape, contract):
+    k, n = math.prod(w_shape[:contract]), math.prod(w_shape[contract:])
+    lead = x_shape[: len(x_shape) - contract]
+    acc = jax.lax.dot_general(qx.codes.astype(jnp.int8).reshape(*lead, k),
+                              qw.codes.astype(jnp.int8).reshape(k, n),
+                              (((len(lead),), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    sx = qx.scale.astype(jnp.float32).reshape(*lead, 1) if qx.scale.size > 1 else qx.scale.reshape(())
+    sw = jnp.broadcast_to(qw.scale, (1,) * contract + tuple(w_shape[contract:])).reshape(n)
+    return (acc.astype(jnp.float32) * sx * sw).reshape(*lead, *w_shape[contract:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _int8_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract):
     qx = quantize(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
     qw = quantize(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
-    k, n = w.shape[0], math.prod(w.shape[1:])
-    acc = jax.lax.dot_general(qx.codes.astype(jnp.int8), qw.codes.astype(jnp.int8).reshape(k, n),
-                              (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    sw = jnp.broadcast_to(qw.scale, (1, *w.shape[1:])).reshape(n)
-    y = acc.astype(jnp.float32) * qx.scale.astype(jnp.float32) * sw
-    return y.reshape(*x.shape[:-1], *w.shape[1:])
+    return _int8_product(qx, qw, x.shape, w.shape, contract)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _int8_matmul(x, w, x_scale, w_scale, hparams, weight, inputs):
-    return _int8_forward(x, w, x_scale, w_scale, hparams, weight, inputs)
+def _int8_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract):
+    qx = quantize(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
+    qw = quantize(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
+    # The backward needs the fake-quant values and the surrogate VJPs; take them once, here.
+    xq, x_vjp = _fake_quant_vjp(inputs, x, x_scale, hparams)
+    wq, w_vjp = _fake_quant_vjp(weight, w, w_scale, hparams)
+    y = _int8_product(qx, qw, x.shape, w.shape, contract)
+    return y, (xq, wq, x_vjp, w_vjp, hparams)
 
 
-def _int8_fwd(x, w, x_scale, w_scale, hparams, weight, inputs):
-    y = _int8_forward(x, w, x_scale, w_scale, hparams, weight, inputs)
-    return y, (x, w, x_scale, w_scale, hparams)
-
-
-def _int8_bwd(weight, inputs, res, g):
-    x, w, x_scale, w_scale, hparams = res
-    _, vjp = jax.vjp(lambda *a: _fake_quant_matmul(*a, hparams, weight, inputs), x, w, x_scale, w_scale)
-    return (*vjp(g.astype(jnp.float32)), jax.tree_util.tree_map(jnp.zeros_like, hparams))
+def _int8_bwd(weight, inputs, contract, res, g):
+    xq, wq, x_vjp, w_vjp, hparams = res
+    g = g.astype(jnp.float32)
+    lead = xq.ndim - contract
+    features = tuple(range(lead, g.ndim))
+    gx = jnp.tensordot(g, wq.astype(jnp.float32), (features, tuple(range(contract, wq.ndim))))
+    gw = jnp.tensordot(xq.astype(jnp.float32), g, (tuple(range(lead)), tuple(range(lead))))
+    dx, dsx = x_vjp(gx.astype(xq.dtype))
+    dw, dsw = w_vjp(gw.astype(wq.dtype))
+    return dx, dw, dsx, dsw, jax.tree_util.tree_map(jnp.zeros_like, hparams)
 
 
 _int8_matmul.defvjp(_int8_fwd, _int8_bwd)
+
+
+def _fake_quant_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract=1):
+    """The float reference the int8 path equals: ``fake_quant(x) . fake_quant(w)`` over ``contract`` axes."""
+    xq = fake_quant(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
+    wq = fake_quant(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
+    return jnp.tensordot(xq.astype(jnp.float32), wq.astype(jnp.float32), axes=contract)

@@ -49,7 +49,7 @@ class ModuleEntry:
     type_name: str
     params: tuple[str, ...]
     rule: Rule | None
-    matmul: bool = False  # a Dense, or a DenseGeneral with one contracting axis: can run packed
+    contract: int = 0  # contracting axes of a Dense (1) / DenseGeneral on trailing axes; 0: not a matmul
 
     @property
     def name(self) -> str:
@@ -60,13 +60,16 @@ class ModuleEntry:
         return tuple(p for p in self.params if self.rule and self.rule.weight and p in self.rule.weight_names)
 
 
-def _is_matmul(module: nn.Module) -> bool:
+def _contracting_axes(module: nn.Module, x) -> int:
+    """How many axes a Dense-like module contracts (0 when it is not one qjax runs as a matmul):
+    Dense, or a DenseGeneral without batch dims over one axis or over the trailing axes in order."""
     if isinstance(module, nn.Dense):
-        return True
-    if isinstance(module, nn.DenseGeneral):
+        return 1
+    if isinstance(module, nn.DenseGeneral) and not module.batch_dims and hasattr(x, "ndim"):
         axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        return len(axes) == 1 and not module.batch_dims
-    return False
+        if len(axes) == 1 or [a % x.ndim for a in axes] == list(range(x.ndim - len(axes), x.ndim)):
+            return len(axes)
+    return 0
 
 
 def _eligible(rule: Rule, path: str, type_name: str, params: tuple[str, ...]) -> bool:
@@ -117,7 +120,8 @@ class QuantizedModel:
                 own = tuple(k for k, v in module.variables.get("params", {}).items()
                             if not isinstance(v, Mapping))
                 path = tuple(str(p) for p in module.path)
-                modules.setdefault(path, (type(module).__name__, own, _is_matmul(module)))
+                contract = _contracting_axes(module, args[0]) if args else 0
+                modules.setdefault(path, (type(module).__name__, own, contract))
                 if inputs is not None and args:
                     inputs.setdefault(path, args[0])
             return next_fun(*args, **kwargs)
@@ -126,10 +130,10 @@ class QuantizedModel:
 
     def _entries(self, modules: dict) -> dict[str, ModuleEntry]:
         table = {}
-        for path, (type_name, own, matmul) in modules.items():
+        for path, (type_name, own, contract) in modules.items():
             name = "/".join(path)
             rule = next((r for r in self.rules if _eligible(r, name, type_name, own)), None)
-            table[name] = ModuleEntry(path, type_name, own, rule, matmul)
+            table[name] = ModuleEntry(path, type_name, own, rule, contract)
         if self.warn_unused:
             used = {id(e.rule) for e in table.values()}
             unused = [r.label for r in self.rules if id(r) not in used]
@@ -246,7 +250,7 @@ class QuantizedModel:
                 w = get_path(params, (*entry.path, entry.weights[0]))
                 w_scale = get_path(quant, (*entry.path, entry.weights[0]))
                 return _dense_like_call(context.module, args[0], lambda x: int8_qat_matmul(
-                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams))
+                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams, entry.contract))
             if rule is not None and rule.input is not None and args:
                 args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
             active.append(rule.activations if rule is not None else None)
@@ -291,14 +295,14 @@ def _quantized_contractions(active: list, hparams: dict):
 # --- frozen models -----------------------------------------------------------------------------------
 
 def _runs_packed(entry: ModuleEntry, w: QArray) -> bool:
-    return entry.matmul and packed_layout(w) is not None
+    return entry.contract == 1 and packed_layout(w) is not None
 
 
 def _dense_like_call(module: nn.Module, x: jax.Array, matmul) -> jax.Array:
-    """A Dense / single-axis DenseGeneral layer with its contraction done by ``matmul(x (..., K))``."""
-    if isinstance(module, nn.DenseGeneral):
-        axis = module.axis[0] if isinstance(module.axis, tuple) else module.axis
-        x = jnp.moveaxis(x, axis, -1)
+    """A Dense / DenseGeneral layer with its contraction done by ``matmul(x (..., *K))``."""
+    axes = getattr(module, "axis", -1)
+    if isinstance(module, nn.DenseGeneral) and (not isinstance(axes, tuple) or len(axes) == 1):
+        x = jnp.moveaxis(x, axes[0] if isinstance(axes, tuple) else axes, -1)
     dtype = module.dtype or x.dtype
     y = matmul(x).astype(dtype)
     if module.use_bias:
@@ -319,8 +323,8 @@ def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) ->
     w = get_path(params, (*entry.path, entry.weights[0]))
     if isinstance(w, QArray):
         return PACKED if _runs_packed(entry, w) else DEQUANTIZED
-    if entry.matmul and len(entry.weights) == 1 and integer_eligible(entry.rule.weight, entry.rule.input,
-                                                                      hparams):
+    if entry.contract and len(entry.weights) == 1 and integer_eligible(
+            entry.rule.weight, entry.rule.input, hparams, jnp.ndim(w), entry.contract):
         return INT8
     return FAKE_QUANT
 

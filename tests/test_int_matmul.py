@@ -23,7 +23,7 @@ ELIGIBLE = [
 
 @pytest.mark.parametrize("weight,inputs", ELIGIBLE, ids=lambda q: f"{q.format}")
 def test_equals_fake_quant_product_and_gradients(weight, inputs):
-    assert integer_eligible(weight, inputs, {})
+    assert integer_eligible(weight, inputs, {}, W.ndim, 1)
     y = jax.jit(lambda x, w: int8_qat_matmul(x, w, weight, inputs))(X, W)
     ref = _fake_quant_matmul(X, W, None, None, {}, weight, inputs)
     assert y.shape == (2, 5, 4, 6)
@@ -61,3 +61,17 @@ def test_learned_scales_get_gradients():
         "biper"])
 def test_ineligible(weight, inputs, hparams):
     assert not integer_eligible(weight, inputs, hparams)
+
+
+def test_two_contracting_axes_like_attention_out():
+    x = jax.random.normal(jax.random.key(2), (3, 7, 4, 8))  # (batch, seq, heads, head_dim)
+    w = jax.random.normal(jax.random.key(3), (4, 8, 16)) * 0.1  # (heads, head_dim, features)
+    weight, inputs = Quantizer("int4", PerChannel(-1)), Quantizer("int8", PerToken((-2, -1)))
+    assert integer_eligible(weight, inputs, {}, 3, 2)
+    assert not integer_eligible(weight, Quantizer("int8", PerToken(-1)), {}, 3, 2)
+    y = int8_qat_matmul(x, w, weight, inputs, contract=2)
+    ref = _fake_quant_matmul(x, w, None, None, {}, weight, inputs, contract=2)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    g = jax.grad(lambda w: jnp.sum(int8_qat_matmul(x, w, weight, inputs, contract=2) ** 2))(w)
+    g_ref = jax.grad(lambda w: jnp.sum(_fake_quant_matmul(x, w, None, None, {}, weight, inputs, 2) ** 2))(w)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))

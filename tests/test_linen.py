@@ -223,3 +223,21 @@ def test_freeze_transformer_and_resnet():
     variables = qmodel.init(jax.random.key(0), x)
     frozen = ql.freeze(qmodel, variables, x)
     np.testing.assert_allclose(qmodel.apply(frozen, x), qmodel.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_execution_paths_for_attention_projections():
+    tokens = jnp.arange(12).reshape(2, 6) % 64
+    rules = [Rule(r".*/attention/out", weight=W4, input=Quantizer("int8", PerToken((-2, -1)))),
+             Rule(r"block_\d/.*", types=("Dense", "DenseGeneral"), weight=W4, input=A8)]
+    qmodel = ql.quantize_model(Transformer(), rules)
+    variables = qmodel.init(jax.random.key(0), tokens)
+    paths = qmodel.paths(variables, tokens)
+    assert paths["block_0/attention/query"] == ql.INT8 and paths["block_0/attention/out"] == ql.INT8
+    assert qmodel.paths(variables, tokens, hparams={"enabled": 1.0})["block_0/attention/out"] == ql.FAKE_QUANT
+    fast = qmodel.apply(variables, tokens)
+    slow = qmodel.apply(variables, tokens, hparams={"enabled": 1.0})
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+    frozen = ql.freeze(qmodel, variables, tokens)
+    frozen_paths = ql.quantize_model(Transformer(), rules).paths(frozen, tokens)
+    assert frozen_paths["block_0/attention/out"] == ql.DEQUANTIZED
+    assert frozen_paths["block_0/attention/query"] == ql.PACKED
