@@ -36,7 +36,7 @@ from qjax.int_matmul import int8_qat_matmul, integer_eligible
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
 from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, packed_layout
+from qjax.serving import frozen_matmul, pack_axis, packed_layout
 
 INPUT_KEY = "__input__"
 
@@ -331,9 +331,10 @@ def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) ->
 
 def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None = None, **kwargs) -> dict:
     """Trained variables -> serving variables: each quantized weight becomes a QArray with its codes packed
-    in uint32 words along the contraction axis (axis 0) and its scales, exactly the codes and scales that
-    QAT used. ``args`` are sample inputs (shapes only matter). Learned scales are folded in; the ``quant``
-    collection is dropped."""
+    in uint32 words (along the contraction axis K for Dense-like layers, else the longest axis,
+    :func:`qjax.serving.pack_axis`) and its scales, exactly the codes and scales that QAT used. ``args``
+    are sample inputs (shapes only matter). Learned scales are folded in; the ``quant`` collection is
+    dropped."""
     hparams = qat.check_hparams(hparams)
     table = qmodel.table(variables, *args, **kwargs)
     quant = variables.get("quant", {})
@@ -346,7 +347,7 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
                 continue
             q = entry.rule.weight
             qa = quantize(q, w, scale=get_path(quant, where), **qat.surrogate_kwargs(q, hparams))
-            params = set_path(params, where, qa.pack(0))
+            params = set_path(params, where, qa.pack(pack_axis(w.shape, entry.contract, qa.fmt.bits)))
     out = {k: v for k, v in variables.items() if k != "quant"}
     out["params"] = params
     return out

@@ -33,7 +33,7 @@ from qjax import qat
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, quantize
 from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, packed_layout
+from qjax.serving import frozen_matmul, pack_axis, packed_layout
 
 OP_ATTRIBUTES: dict[str, str] = {
     "Linear": "dot_general",
@@ -228,9 +228,9 @@ def freeze(model: nnx.Module) -> None:
     """Turn a quantized model's trained weights into packed QArrays, in place.
 
     Each weight a rule quantizes becomes a :class:`PackedWeight` holding exactly the codes and scales that
-    QAT used (learned scales folded in), packed in uint32 words along axis 0; Linear and single-axis
-    LinearGeneral layers with integer codes then run on :func:`kernels_pallas.packed_matmul`, other modules
-    read the dequantized weight. Inputs keep their QAT quantizers.
+    QAT used (learned scales folded in), packed in uint32 words (:func:`qjax.serving.pack_axis`); Linear
+    and single-axis LinearGeneral layers with integer codes then run on :func:`kernels_pallas.packed_matmul`,
+    other modules read the dequantized weight. Inputs keep their QAT quantizers.
     """
     for _, module in nnx.iter_modules(model):
         attribute = OP_ATTRIBUTES.get(type(module).__name__)
@@ -245,7 +245,9 @@ def freeze(model: nnx.Module) -> None:
         hp = op.hparams.as_dict()
         qa = quantize(q, getattr(module, name).get_value(), scale=op._scale(op.weight_scale),
                       **qat.surrogate_kwargs(q, hp))
-        packed = PackedWeight(qa.pack(0))
+        single = isinstance(module, nnx.LinearGeneral) and len(module.axis) == 1
+        contract = 1 if isinstance(module, nnx.Linear) or single else 0
+        packed = PackedWeight(qa.pack(pack_axis(qa.shape, contract, qa.fmt.bits)))
         setattr(module, name, packed)
         op.frozen = packed
         op.weight_scale = None

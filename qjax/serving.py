@@ -17,6 +17,17 @@ from qjax.granularity import PerChannel, PerGroup, PerTensor
 from qjax.qarray import QArray
 
 
+def pack_axis(shape: tuple[int, ...], contract: int, bits: int) -> int:
+    """The axis a frozen weight is packed along: axis 0 (K) for a weight the packed matmul reads as a
+    ``(K, N)`` matrix (``contract == 1``), else the axis that needs the fewest uint32 words for ``bits``-bit
+    codes (a ``(3, 3, cin, cout)`` conv kernel packs along ``cin`` or ``cout``, not along its 3 rows)."""
+    if contract == 1:
+        return 0
+    per_word = 32 // next(b for b in (1, 2, 4, 8) if b >= bits)
+    words = lambda a: -(-shape[a] // per_word) * math.prod(shape) // shape[a]
+    return min(range(len(shape)), key=lambda a: (words(a), -shape[a], a))
+
+
 def packed_layout(w: QArray) -> tuple[int, int] | None:
     """``(K, N)`` when ``w`` can run on the packed matmul as a ``(K, N)`` matrix, else ``None``."""
     if not isinstance(w, QArray) or w.fmt.kind not in ("int", "binary", "ternary"):

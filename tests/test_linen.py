@@ -241,3 +241,19 @@ def test_execution_paths_for_attention_projections():
     frozen_paths = ql.quantize_model(Transformer(), rules).paths(frozen, tokens)
     assert frozen_paths["block_0/attention/out"] == ql.DEQUANTIZED
     assert frozen_paths["block_0/attention/query"] == ql.PACKED
+
+
+def test_frozen_conv_bytes_follow_the_bit_width():
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    sizes = {}
+    for fmt in ("int8", "int4", "binary"):
+        rules = [Rule(".*", types=("Conv",), weight=Quantizer(fmt, PerChannel(-1)))]
+        qmodel = ql.quantize_model(ResNet(), rules)
+        variables = qmodel.init(jax.random.key(0), x)
+        frozen = ql.freeze(qmodel, variables, x)
+        kernel = frozen["params"]["ResNetBlock_1"]["Conv_1"]["kernel"]  # (3, 3, 16, 16)
+        assert kernel.packing[0] != -4  # not along the 3 kernel rows
+        sizes[fmt] = kernel.codes.nbytes
+        np.testing.assert_allclose(qmodel.apply(frozen, x), qmodel.apply(variables, x), rtol=1e-5, atol=1e-5)
+    # binary: 16 codes per axis fill half a 32-bit word, whichever channel axis is chosen
+    assert sizes == {"int8": 3 * 3 * 16 * 16, "int4": 3 * 3 * 16 * 16 // 2, "binary": 3 * 3 * 16 * 4}
