@@ -7,7 +7,7 @@ The flat public API: quantizers with surrogate gradients, formats, granularities
 and the Linen / NNX transforms (``qjax.linen``, ``qjax.nnx``), checkpoints and summaries.
 """
 
-from qjax import checkpoint, formats, packing, presets, qat, rules, summary, surrogates
+from qjax import checkpoint, formats, optim, packing, presets, qat, rules, summary, surrogates
 from qjax import linen as linen
 from qjax import nnx as nnx
 from qjax.formats import FORMAT_NAMES, Format, dynamic_map, get_format
@@ -36,6 +36,7 @@ __all__ = [
     "formats",
     "get_format",
     "init_scale",
+    "optim",
     "packing",
     "presets",
     "qat",

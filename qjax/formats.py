@@ -93,6 +93,26 @@ def normal_float_map(offset: float = 0.9677083) -> np.ndarray:
     return (values / np.abs(values).max()).astype(np.float32)
 
 
+@functools.cache
+def _table_buckets(table: tuple[float, ...]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Nearest-value lookup of a sorted table in two gathers, equal to ``searchsorted(midpoints, u)``.
+
+    Float32 bit patterns are cut into buckets by their top ``32 - shift`` bits, with ``shift`` the largest
+    such that no bucket holds two midpoints; ``base[bucket]`` counts the midpoints below the bucket, so the
+    code of ``u`` is ``base + (midpoints[base] < u)`` (``midpoints`` padded with ``+inf``).
+    """
+    t = np.asarray(table, np.float32)
+    mid = (t[1:] + t[:-1]) / np.float32(2)
+    shift = next(s for s in range(23, -1, -1) if np.bincount(mid.view(np.uint32) >> s).max() <= 1)
+    buckets = np.arange(1 << (32 - shift), dtype=np.uint64)
+    first = (buckets << np.uint64(shift)).astype(np.uint32).view(np.float32)
+    last = (((buckets + 1) << np.uint64(shift)) - 1).astype(np.uint32).view(np.float32)
+    negative = buckets >= 1 << (31 - shift)
+    low = np.where(negative, np.where(np.isnan(last), -np.inf, last), first)  # smallest value in bucket
+    base = np.searchsorted(mid, low, side="left").astype(np.uint8)
+    return shift, base, np.append(mid, np.float32(np.inf))
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """A set of representable values, in grid units, and the dtype its codes are stored in.
@@ -143,9 +163,10 @@ class Format:
             return jnp.clip(jnp.round(u), self.lo, self.hi).astype(self.code_dtype)
         if self.kind == "float":
             return jnp.clip(u, self.lo, self.hi).astype(self.code_dtype)
-        table = jnp.asarray(self.table, jnp.float32)
-        midpoints = (table[1:] + table[:-1]) / 2
-        return jnp.searchsorted(midpoints, u.astype(jnp.float32)).astype(jnp.uint8)
+        shift, base, midpoints = _table_buckets(self.table)
+        u = u.astype(jnp.float32)
+        lower = jnp.asarray(base)[jax.lax.bitcast_convert_type(u, jnp.uint32) >> shift].astype(jnp.int32)
+        return (lower + (jnp.asarray(midpoints)[lower] < u)).astype(jnp.uint8)
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """Codes -> float32 values in grid units."""
