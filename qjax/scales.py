@@ -52,9 +52,8 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
         scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), _TINY)
         zero_point = fmt.lo - jnp.round(lo / scale)
     scale = jnp.maximum(scale, _TINY)
-    if rule == "median":  # max, mean and min already carry a NaN or Inf of the group into its scale
-        scale = mark_nonfinite(scale, xb, axes)
-    return scale, zero_point
+    # XLA's CPU max does not always carry a NaN into the result, so mark non-finite groups explicitly.
+    return mark_nonfinite(scale, xb, axes), zero_point
 
 
 def mark_nonfinite(scale: jax.Array, xb: jax.Array, axes: tuple[int, ...]) -> jax.Array:

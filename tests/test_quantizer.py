@@ -263,3 +263,10 @@ def test_inf_input_marks_its_group_nan():
     x = X.at[0, 0].set(jnp.inf)
     y = fake_quant(Quantizer("int8", PerChannel(-1)), x)
     assert bool(jnp.all(jnp.isnan(y[:, 0]))) and not bool(jnp.any(jnp.isnan(y[:, 1:])))
+
+
+def test_nan_in_a_flat_block_is_not_encoded_as_a_number():
+    x = (jnp.full((64, 128), 0.001) * 0.9 + 0.001).at[0, 0].set(jnp.nan)
+    qa = quantize(Quantizer("dynamic", PerBlock(256)), x)
+    assert bool(jnp.isnan(qa.scale[0, 0])) and not bool(jnp.any(jnp.isnan(qa.scale[1:])))
+    assert bool(jnp.isnan(dequantize(qa)[0, 0]))
