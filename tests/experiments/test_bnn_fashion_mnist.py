@@ -34,7 +34,8 @@ def test_bnn_fashion_mnist_quick(tmp_path):
     for row in rows:
         assert len(row["accuracies"]) == 2 and row["accuracy_std"] >= 0
         assert row["frozen_accuracies"] == row["accuracies"]
-    check_bytes_order([r for r in rows if r["model"] == "mlp"])
+    for model in ("mlp", "cnn"):
+        check_bytes_order([r for r in rows if r["model"] == model])
 
 
 def test_cnn_frozen_bytes_follow_bit_width():
