@@ -367,6 +367,8 @@ def write_plot(result: dict, path: Path) -> None:
     for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
         for i, name in enumerate(OPTIMIZERS):
             for bits, style in ((32, "-"), (8, "--")):
+                if f"{task}/{name}/{bits}" not in result["curves"]:
+                    continue
                 curve = np.asarray(result["curves"][f"{task}/{name}/{bits}"])
                 window = max(1, len(curve) // 50)
                 smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
