@@ -1,39 +1,111 @@
-"""Packed low-bit matmul kernels.
+"""Packed low-bit matmul kernels: one dispatch function per product, three backends.
 
-``packed_matmul(x, w_packed, scales, *, bits, group_size=None, backend="auto")`` multiplies float
-activations ``x (..., K)`` by a weight stored as ``bits``-bit codes packed along K in uint32 words
-(:mod:`qjax.packing`) with per-channel (``scales`` of shape ``(1, N)``) or per-group (``(K / group_size,
-N)``) float scales. Backends: ``"xla"``, the pure-jnp reference (:mod:`kernels_pallas.reference`), on
-every platform. ``"auto"`` picks the best backend the platform has.
+- :func:`packed_matmul`: weight-only, float activations ``x (..., K)`` times a weight stored as ``bits``-bit
+  codes (8, 4, 2 with ternary as its ``{-1, 0, 1}`` subset, 1 = binary +-1) packed along K in uint32 words
+  (:mod:`qjax.packing`), per-channel ``(1, N)`` or per-group ``(K / group_size, N)`` float scales, float32
+  accumulation (:mod:`kernels_pallas.weight_only`).
+- :func:`int8_matmul` / :func:`int8_dot`: W8A8, int8 activation codes times int8 weight codes with exact
+  int32 accumulation and per-token activation scales (:mod:`kernels_pallas.w8a8`).
+
+Backends (:mod:`kernels_pallas.backends`): ``"xla"`` the pure-jnp reference (:mod:`kernels_pallas.reference`),
+``"pallas"`` the kernel compiled for TPU (Mosaic) or GPU, ``"interpret"`` the same kernel in Pallas'
+interpreter (any platform; how CPU tests run it), ``"auto"`` = ``"pallas"`` on TPU/GPU, else ``"xla"`` with a
+one-time :class:`KernelFallbackWarning`. All functions work under ``jit`` and ``vmap``; this package knows
+only arrays, never Flax.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from kernels_pallas.reference import dequantize_packed, packed_matmul_xla
+from kernels_pallas import backends
+from kernels_pallas.backends import BACKENDS, KernelFallbackWarning
+from kernels_pallas.reference import dequantize_packed, int8_dot_xla, packed_matmul_xla
+from kernels_pallas.w8a8 import int8_dot_pallas
+from kernels_pallas.weight_only import packed_matmul_pallas
 from qjax import packing
 
-BACKENDS = ("auto", "xla")
-
-__all__ = ["BACKENDS", "dequantize_packed", "packed_matmul", "packed_matmul_xla"]
+__all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "int8_dot", "int8_matmul",
+           "packed_matmul", "packed_matmul_xla"]
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
                   group_size: int | None = None, zero_point: jax.Array | None = None,
                   signed: bool = True, backend: str = "auto") -> jax.Array:
-    """``y[..., n] = sum_k x[..., k] * (code[k, n] - z) * scale[k // group_size, n]``, float32 out.
+    """``y[..., n] = sum_k x[..., k] * (c[k, n] - z[g(k), n]) * s[g(k), n]``, ``g(k) = k // group_size``,
+    float32 ``(..., N)``.
 
-    ``w_packed``: ``(ceil(K / (32 // bits)), N)`` uint32; ``scales``: ``(1, N)`` or ``(K / group_size, N)``.
+    ``w_packed``: ``(ceil(K / (32 // bits)), N)`` uint32 words of :func:`qjax.packing.pack` (axis 0);
+    ``scales`` (and the optional ``zero_point``): ``(1, N)`` per channel or ``(K / group_size, N)`` per
+    group; ``signed``: the codes were packed from a signed dtype (offset binary; binary ``{-1, +1}``).
+    Weight-only low-bit matmuls at small batch are memory bound, so reading packed words instead of a
+    float weight is the speedup (Frantar et al., "MARLIN", 2024; Park et al., "LUT-GEMM", ICLR 2024).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if bits not in packing.PACK_BITS:
+    if bits not in packing.PACK_BITS or isinstance(bits, bool):
         raise ValueError(f"bits={bits!r} has no packed matmul; allowed: {packing.PACK_BITS}")
+    _check_packed_operands(x, w_packed, scales, zero_point, bits, group_size)
+    backend = backends.resolve(backend)
+    if backend == "xla":
+        return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
+                                 zero_point=zero_point, signed=signed)
+    return packed_matmul_pallas(x, w_packed, scales, bits=bits, zero_point=zero_point, signed=bool(signed),
+                                **backends.kernel_options(backend))
+
+
+def int8_dot(x_codes: jax.Array, w_codes: jax.Array, *, backend: str = "auto") -> jax.Array:
+    """``acc[..., n] = sum_k a[..., k] * b[k, n]`` over int8 codes, exact in int32 ``(..., N)``."""
+    _check_int8_operands(x_codes, w_codes)
+    backend = backends.resolve(backend)
+    if backend == "xla":
+        return int8_dot_xla(x_codes, w_codes)
+    return int8_dot_pallas(x_codes, w_codes, **backends.kernel_options(backend))
+
+
+def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_scales: jax.Array, *,
+                backend: str = "auto") -> jax.Array:
+    """W8A8: ``y[..., n] = (sum_k a[..., k] * b[k, n]) * sx[...] * sw[n]``, float32 ``(..., N)``.
+
+    ``x_codes (..., K)`` int8 with per-token scales ``x_scales (..., 1)``; ``w_codes (K, N)`` int8 with
+    per-channel scales ``w_scales (1, N)`` or ``(N,)``. The integer sum is exact (:func:`int8_dot`); the
+    scales multiply afterwards (Dettmers et al., "LLM.int8()", 2022; Xiao et al., "SmoothQuant", 2023).
+    """
+    n = w_codes.shape[-1] if w_codes.ndim == 2 else None
+    if x_scales.shape != (*x_codes.shape[:-1], 1):
+        raise ValueError(f"x_scales of shape {x_scales.shape} do not fit x_codes {x_codes.shape}; "
+                         f"allowed: {(*x_codes.shape[:-1], 1)} (one scale per token)")
+    if w_scales.shape not in ((1, n), (n,)):
+        raise ValueError(f"w_scales of shape {w_scales.shape} do not fit w_codes {w_codes.shape}; "
+                         f"allowed: (1, {n}) or ({n},) (one scale per output channel)")
+    acc = int8_dot(x_codes, w_codes, backend=backend)
+    return acc.astype(jnp.float32) * x_scales.astype(jnp.float32) * w_scales.reshape(-1).astype(jnp.float32)
+
+
+def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_size: int | None) -> None:
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
+                         "(float32, bfloat16, float16)")
     k = x.shape[-1]
-    groups = scales.shape[0]
-    if scales.ndim != 2 or k % groups or (group_size is not None and k // groups != group_size):
-        raise ValueError(f"scales of shape {scales.shape} do not fit K={k} with group_size={group_size}; "
-                         "allowed: (1, N) or (K / group_size, N)")
-    return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
-                             zero_point=zero_point, signed=signed)
+    words = -(-k // (32 // bits))
+    if w_packed.dtype != jnp.uint32 or w_packed.ndim != 2 or w_packed.shape[0] != words:
+        raise ValueError(f"w_packed of shape {w_packed.shape} and dtype {w_packed.dtype} does not hold "
+                         f"K={k} {bits}-bit codes; allowed: uint32 ({words}, N) from "
+                         f"qjax.packing.pack(codes, {bits}, axis=0)")
+    n = w_packed.shape[1]
+    groups = scales.shape[0] if scales.ndim == 2 else 0
+    if (scales.ndim != 2 or scales.shape[1] != n or groups == 0 or k % groups
+            or (group_size is not None and k // groups != group_size)):
+        raise ValueError(f"scales of shape {scales.shape} do not fit K={k}, N={n} with group_size="
+                         f"{group_size}; allowed: (1, {n}) or (K / group_size, {n}) with group_size "
+                         "dividing K")
+    if zero_point is not None and zero_point.shape != scales.shape:
+        raise ValueError(f"zero_point of shape {zero_point.shape}; allowed: None or the scales' shape "
+                         f"{scales.shape}")
+
+
+def _check_int8_operands(a, b) -> None:
+    if a.dtype != jnp.int8 or b.dtype != jnp.int8:
+        raise ValueError(f"int8_dot: codes of dtypes {a.dtype} and {b.dtype}; allowed: int8 and int8")
+    if a.ndim < 1 or b.ndim != 2 or a.shape[-1] != b.shape[0]:
+        raise ValueError(f"int8_dot: shapes {a.shape} @ {b.shape} do not contract; "
+                         "allowed: (..., K) @ (K, N)")

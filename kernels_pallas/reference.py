@@ -3,7 +3,7 @@
 ``y = x @ W`` with ``W[k, n] = (code[k, n] - z[g(k), n]) * scale[g(k), n]`` where the codes are unpacked
 from the uint32 plane layout of :mod:`qjax.packing` (packed along K, axis 0), ``g(k) = k // group_size``
 (one group when ``group_size`` is None, i.e. per-channel scales) and ``z`` is an optional zero point.
-Accumulates in float32.
+Accumulates in float32. ``int8_dot_xla`` is the W8A8 reference: int8 codes, exact int32 sums.
 """
 
 from __future__ import annotations
@@ -34,3 +34,8 @@ def packed_matmul_xla(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, b
                           zero_point=zero_point, signed=signed)
     return jax.lax.dot_general(x.astype(jnp.float32), w, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
+
+
+def int8_dot_xla(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``acc = a (..., K) @ b (K, N)`` over int8 codes: one ``dot_general``, exact int32 accumulation."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
