@@ -333,8 +333,8 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
     """Trained variables -> serving variables: each quantized weight becomes a QArray with its codes packed
     in uint32 words (along the contraction axis K for Dense-like layers, else the longest axis,
     :func:`qjax.serving.pack_axis`) and its scales, exactly the codes and scales that QAT used. ``args``
-    are sample inputs (shapes only matter). Learned scales are folded in; the ``quant`` collection is
-    dropped."""
+    are sample inputs (shapes only matter). Learned weight scales are folded into the QArrays; learned
+    *input* scales stay in the ``quant`` collection (the frozen model still quantizes its inputs)."""
     hparams = qat.check_hparams(hparams)
     table = qmodel.table(variables, *args, **kwargs)
     quant = variables.get("quant", {})
@@ -350,6 +350,10 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
             params = set_path(params, where, qa.pack(pack_axis(w.shape, entry.contract, qa.fmt.bits)))
     out = {k: v for k, v in variables.items() if k != "quant"}
     out["params"] = params
+    inputs = {entry.path: scale for entry in table.values()
+              if (scale := get_path(quant, (*entry.path, INPUT_KEY))) is not None}
+    for path, scale in inputs.items():
+        out["quant"] = set_path(out.get("quant", {}), (*path, INPUT_KEY), scale)
     return out
 
 

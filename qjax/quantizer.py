@@ -20,7 +20,9 @@ Gradients of ``fake_quant``:
 
 Computed scales (absmax, mean_abs, median, minmax) are detached (``stop_gradient``), as in Bi-Real Net and
 BitNet. A ``given`` scale passed by the caller receives the LSQ step gradient with ``grad_scale = 1``; a
-``learned`` scale (a parameter) receives it scaled by ``1/sqrt(n * fmax)`` (Esser et al. 2020).
+``learned`` scale (a parameter) receives it scaled by ``1/sqrt(n * fmax)`` (Esser et al. 2020) and is used
+by its magnitude ``|s|`` (a step pushed through zero by the optimizer keeps working; ``given`` scales must be
+positive).
 Surrogate hyperparameters (``o``, ``t``, ``omega``, ``beta``) are keyword arguments and may be traced.
 """
 
@@ -172,7 +174,13 @@ def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
         return s, z
     if scale is None:
         raise ValueError(f"scale rule {q.scale!r} needs scale=...; init_scale(q, x) gives a start")
-    s = _caller_scale(q, x, scale, "scale")
+    if q.scale == "learned":
+        # A learned step is used by its magnitude, so a step that an optimizer pushes through zero (BiPer's
+        # alpha under a large learning rate) keeps training and freezing: |s|, floored at the smallest normal.
+        s = _caller_scale(q, x, scale, "scale", positive=False)
+        s = jnp.maximum(jnp.abs(s), _TINY)
+    else:
+        s = _caller_scale(q, x, scale, "scale")
     s = mark_nonfinite(s, jax.lax.stop_gradient(xb), axes)
     z = None if zero_point is None else _caller_scale(q, x, zero_point, "zero_point", positive=False)
     return s, z

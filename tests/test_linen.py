@@ -179,6 +179,8 @@ FREEZE_RULES = {
     "ternary": [Rule(".*", weight=Quantizer("ternary", PerChannel(-1), "mean_abs"))],
     "binary-learned": [Rule(".*", weight=Quantizer("binary", PerChannel(-1), "learned", "biper"))],
     "nf4-dequantized": [Rule(".*", weight=Quantizer("nf4", PerChannel(-1)))],
+    "lsq-weights-and-inputs": [Rule(r"Dense_\d", weight=Quantizer("int4", PerChannel(-1), "learned"),
+                                    input=Quantizer("int8", scale="learned"))],
 }
 
 
@@ -186,8 +188,14 @@ FREEZE_RULES = {
 def test_freeze_gives_qat_codes_and_outputs(name, monkeypatch):
     qmodel = ql.quantize_model(MLP(), FREEZE_RULES[name])
     variables = qmodel.init(jax.random.key(0), X)
+    # negative learned steps (an optimizer can push them through zero) are used by their magnitude
+    variables = jax.tree_util.tree_map(lambda v: -v, variables) | {"params": variables["params"]} \
+        if "quant" in variables else variables
     frozen = ql.freeze(qmodel, variables, X)
-    assert "quant" not in frozen
+    # learned weight steps are folded into the QArrays; learned input steps stay (the inputs still need them)
+    input_steps = {k: {ql.INPUT_KEY: v[ql.INPUT_KEY]} for k, v in variables.get("quant", {}).items()
+                   if ql.INPUT_KEY in v}
+    assert frozen.get("quant", {}) == input_steps
     table = qmodel.table(variables, X)
     for entry in table.values():
         if entry.weights:

@@ -187,6 +187,27 @@ def test_learned_scale_gets_lsq_gradient():
     np.testing.assert_array_equal(gx, jnp.ones_like(X))
 
 
+def test_learned_scale_is_used_by_its_magnitude():
+    # An optimizer can push a learned step (BiPer's alpha, an LSQ step) through zero: training and freezing
+    # both use |s|, so QAT and the frozen codes agree and the gradient points the magnitude the right way.
+    for q in (Quantizer("int4", PerChannel(-1), "learned"), Quantizer("binary", PerChannel(-1), "learned",
+                                                                        "biper")):
+        s = init_scale(q, X, "mean_abs")
+        flipped = s.at[0, ::2].multiply(-1)
+        assert same_bits(jax.jit(lambda v, sc, q=q: fake_quant(q, v, scale=sc))(X, flipped),
+                         fake_quant(q, X, scale=s))
+        qa = quantize(q, X, scale=flipped)
+        assert bool(jnp.all(qa.scale > 0))
+        assert same_bits(dequantize(qa), fake_quant(q, X, scale=flipped))
+        g_pos = jax.grad(lambda sc, q=q: jnp.sum(fake_quant(q, X, scale=sc) ** 2))(s)
+        g_neg = jax.grad(lambda sc, q=q: jnp.sum(fake_quant(q, X, scale=sc) ** 2))(flipped)
+        np.testing.assert_allclose(g_neg, g_pos * jnp.sign(flipped), rtol=1e-6)
+    # a zero step is floored (no NaN), a NaN step stays NaN
+    q = Quantizer("int4", PerTensor(), "learned")
+    assert bool(jnp.all(jnp.isfinite(fake_quant(q, X, scale=jnp.zeros((1, 1))))))
+    assert bool(jnp.all(jnp.isnan(fake_quant(q, X, scale=jnp.full((1, 1), jnp.nan)))))
+
+
 def test_biper_codes_and_learned_alpha():
     q = Quantizer("binary", PerChannel(-1), "learned", "biper")
     w = jax.random.normal(jax.random.key(6), (16, 4)) * 0.1
