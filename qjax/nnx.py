@@ -16,6 +16,8 @@ module                                   attribute replaced           quantized 
 The injected :class:`QuantizedOp` is itself an ``nnx.Module``: learned scales are :class:`QuantScale`
 variables inside it, and every op shares one :class:`Hyperparams` module whose variables (``o``, ``omega``,
 ``enabled``, ...; see :mod:`qjax.qat`) are traced under ``nnx.jit``, so a schedule never recompiles.
+A learned *input* scale is created by the module's first call, from that batch (LSQ's data-dependent
+start): run one forward pass before building the optimizer, so that ``nnx.Optimizer`` sees it.
 ``unquantize_model`` restores the original operations. ``freeze(model)`` replaces each quantized weight by a
 :class:`PackedWeight` (packed QArray codes + scales); Linear and LinearGeneral layers then run on the packed
 matmul. Learned scales train with ``nnx.grad(..., argnums=nnx.DiffState(0, (nnx.Param, QuantScale)))``.
@@ -113,7 +115,12 @@ class QuantizedOp(nnx.Module):
         return None if variable is None else variable.get_value()
 
     def _input(self, q: Quantizer | None, x, hp):
-        return x if q is None else qat.quantize_input(q, x, self._scale(self.input_scale), hp)
+        if q is None:
+            return x
+        if q is self.rule.input and qat.needs_state(q) and self.input_scale is None:
+            # LSQ's data-dependent start, from the first batch this module sees (``2 mean|x| / sqrt(fmax)``)
+            self.input_scale = QuantScale(qat.initial_scale(q, jax.lax.stop_gradient(x)))
+        return qat.quantize_input(q, x, self._scale(self.input_scale), hp)
 
     def _weight(self, w, hp):
         if self.rule.weight is None:
@@ -200,9 +207,6 @@ def quantize_model(model: nnx.Module, rules, *, hparams: dict | None = None,
         if type_name not in OP_ATTRIBUTES:
             raise ValueError(f"module {name!r} of type {type_name} matched rule {rule.label!r}, but qjax "
                              f"cannot quantize it in place; allowed types: {', '.join(OP_ATTRIBUTES)}")
-        if qat.needs_state(rule.input):
-            raise ValueError(f"rule {rule.label!r}: learned input scales are not supported by the NNX "
-                             "transform yet; allowed input scale rules: absmax, mean_abs, median, minmax")
         module = modules[name]
         attribute = OP_ATTRIBUTES[type_name]
         op = getattr(module, attribute)

@@ -85,6 +85,24 @@ def test_learned_scales_are_variables_and_get_gradients():
     assert g.shape == (1, 3) and np.all(g != 0)
 
 
+def test_learned_input_scales_start_from_the_first_batch_train_and_freeze():
+    model = MLP(nnx.Rngs(0))
+    q_in = Quantizer("int8", scale="learned")
+    qn.quantize_model(model, [Rule(".*", weight=Quantizer("int4", PerChannel(-1), "learned"), input=q_in)])
+    assert len(jax.tree_util.tree_leaves(nnx.state(model, qn.QuantScale))) == 2  # weights only, so far
+    nnx.jit(lambda m, x: m(x))(model, X)  # the first call creates them (LSQ's data-dependent start)
+    step = model.l1.dot_general.input_scale.get_value()
+    np.testing.assert_allclose(step, 2 * jnp.mean(jnp.abs(X)) / np.sqrt(127), rtol=1e-6)
+    assert len(jax.tree_util.tree_leaves(nnx.state(model, qn.QuantScale))) == 4
+    diff = nnx.DiffState(0, (nnx.Param, qn.QuantScale))
+    grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2), argnums=diff)(model)
+    assert float(jnp.abs(grads.l2.dot_general.input_scale.get_value()).max()) > 0
+    expected = model(X)
+    qn.freeze(model)
+    np.testing.assert_allclose(model(X), expected, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(model.l1.dot_general.input_scale.get_value() == step))  # inputs stay quantized
+
+
 def test_conv_einsum_attention_types():
     model = Net(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(3), (2, 4, 4, 3))
