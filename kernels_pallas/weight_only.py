@@ -75,8 +75,10 @@ def scale_table(values: jax.Array, *, planes: int, words: int, padded_words: int
 
 
 def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None, block_words: int,
-            k_blocks: int | None):
-    """One ``(block_m, block_n)`` output tile; ``k_blocks is None``: one K step of the grid, else a loop."""
+            k_blocks: int | None, unroll: bool):
+    """One ``(block_m, block_n)`` output tile; ``k_blocks is None``: one K step of the grid, else a loop.
+    ``unroll``: unroll the loop over the ``32 // bits`` planes (compiled kernels; the interpreter keeps the
+    loop, which compiles faster)."""
     z_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     planes, mask = 32 // bits, (1 << bits) - 1
     nseg = 1 if seg is None else block_words // seg
@@ -88,20 +90,20 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
 
     def block(kb, k0):
         words = w_ref[pl.ds(k0, block_words), :]
-        acc = jnp.zeros(o_ref.shape, jnp.float32)
-        for j in range(planes):
+
+        def plane(j, acc):  # unpack plane j in registers and multiply it by its slice of x
             x = x_ref[j, :, pl.ds(k0, block_words)]
-            field = words >> (j * bits) if j else words
-            w = decode((field & mask).astype(jnp.int32), bits, signed).astype(jnp.float32)
+            field = (words >> (j * bits).astype(jnp.uint32)) & jnp.uint32(mask)
+            w = decode(field.astype(jnp.int32), bits, signed).astype(jnp.float32)
             scale = rows(s_ref, j, kb)
             if z_ref is not None:
                 w = w - _repeat(rows(z_ref, j, kb), block_words)
             if nseg == 1:  # one scale row for the whole tile: scale the partial product
-                acc += jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) * scale
-            else:
-                w = w * _repeat(scale, block_words)
-                acc += jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return acc
+                return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+            w = w * _repeat(scale, block_words)
+            return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+        return jax.lax.fori_loop(0, planes, plane, jnp.zeros(o_ref.shape, jnp.float32), unroll=unroll)
 
     if k_blocks is None:
         kb = pl.program_id(2)
@@ -154,7 +156,7 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
     tables, segs = zip(*(scale_table(t, planes=planes, words=words, padded_words=wp, block_words=bw, k=k)
                          for t in tables), strict=True)
     kernel = functools.partial(_kernel, bits=bits, signed=signed, seg=segs[0], block_words=bw,
-                               k_blocks=None if k_in_grid else wp // bw)
+                               k_blocks=None if k_in_grid else wp // bw, unroll=not interpret)
     if k_in_grid:
         grid = (mp // bm, np_ // bn, wp // bw)
         x_spec = pl.BlockSpec((planes, bm, bw), lambda i, j, kb: (0, i, kb))

@@ -1,0 +1,128 @@
+"""The weight-only packed matmul: the Pallas kernel (interpret mode) equals the pure-jnp reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels_pallas as kp
+from kernels_pallas.weight_only import packed_matmul_pallas, scale_table
+from qjax import PerChannel, PerGroup, Quantizer, quantize
+from qjax.serving import frozen_matmul
+from tests.kernels.kernel_cases import error_bound, random_packed
+
+
+def check_against_reference(x, words, scales, zero, *, bits, group_size=None, signed=True, **kernel):
+    """The interpret backend (or the kernel with explicit tiling options) against the xla backend, within
+    float rounding of ``|x| @ |W|``; all in one jit (one compile)."""
+    args = dict(bits=bits, zero_point=zero, signed=signed)
+
+    def run(x, words, scales):
+        want = kp.packed_matmul(x, words, scales, group_size=group_size, backend="xla", **args)
+        if kernel:
+            got = packed_matmul_pallas(x, words, scales, interpret=True, **kernel, **args)
+        else:
+            got = kp.packed_matmul(x, words, scales, group_size=group_size, backend="interpret", **args)
+        return got, want, error_bound(x, words, scales, zero, bits=bits, group_size=group_size,
+                                      signed=signed, dtype=x.dtype)
+
+    got, want, bound = jax.jit(run)(x, words, scales)
+    assert got.shape == want.shape == (*x.shape[:-1], words.shape[1]) and got.dtype == jnp.float32
+    np.testing.assert_array_less(jnp.abs(got - want), bound)
+
+
+# (bits, m, k, n, group_size, options): per channel, a group per plane, several groups per plane, ragged
+# groups (gcd 1), non-multiples of every block, several K blocks, ternary, unsigned with a zero point.
+GRID = [
+    (4, 5, 64, 10, None, {}),
+    (4, 5, 64, 10, 16, {}),
+    (8, 3, 1152, 130, 128, {"block_k": 512}),
+    (2, 3, 1152, 130, 64, {"block_k": 512, "signed": False, "zero_point": True}),
+    (1, 2, 8200, 20, None, {}),
+    (1, 3, 96, 20, 32, {}),
+    (2, 7, 300, 33, None, {"ternary": True}),
+    (4, 17, 256, 300, 32, {"block_k": 1024, "k_in_grid": False}),
+    (8, 4, 40, 9, 8, {"k_in_grid": False, "signed": False, "zero_point": True}),
+]
+
+
+@pytest.mark.parametrize("bits,m,k,n,group_size,options", GRID)
+def test_kernel_matches_reference_on_a_grid(bits, m, k, n, group_size, options):
+    rng = np.random.default_rng(bits * 1000 + k)
+    kernel = {key: options[key] for key in ("block_k", "k_in_grid") if key in options}
+    signed = options.get("signed", True)
+    words, scales, zero = random_packed(rng, bits, k, n, group_size=group_size, signed=signed,
+                                        ternary=options.get("ternary", False),
+                                        zero_point=options.get("zero_point", False))
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    check_against_reference(x, words, scales, zero, bits=bits, group_size=group_size,
+                            signed=signed, **kernel)
+
+
+@settings(max_examples=6)
+@given(bits=st.sampled_from([1, 2, 4, 8]), m=st.integers(1, 9), n=st.integers(1, 40),
+       groups=st.integers(1, 3), group_size=st.sampled_from([8, 16, 24, 48]), per_channel=st.booleans(),
+       bf16=st.booleans(), signed=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_matches_reference_hypothesis(bits, m, n, groups, group_size, per_channel, bf16, signed, seed):
+    rng = np.random.default_rng(seed)
+    k = groups * group_size
+    words, scales, zero = random_packed(rng, bits, k, n, group_size=None if per_channel else group_size,
+                                        signed=signed, zero_point=not signed)
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    check_against_reference(x, words, scales, zero, bits=bits, group_size=None if per_channel else group_size,
+                            signed=signed)
+
+
+def test_bfloat16_activations_and_leading_axes():
+    rng = np.random.default_rng(1)
+    words, scales, _ = random_packed(rng, 4, 128, 24, group_size=32)
+    x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.bfloat16)
+    check_against_reference(x, words, scales, None, bits=4, group_size=32)
+    assert kp.packed_matmul(x, words, scales, bits=4, backend="interpret").shape == (2, 3, 24)
+
+
+def test_scale_table_rows_follow_the_groups():
+    """Row ``t`` of plane ``j`` is the group of word ``t * seg`` of that plane: of row ``j*P + t*seg``."""
+    values = jnp.arange(12.0)[:, None]  # 12 groups of 8 rows: K = 96
+    table, seg = scale_table(values, planes=8, words=12, padded_words=16, block_words=16, k=96)  # 4-bit
+    assert seg == 4 and table.shape == (8, 4, 1)
+    starts = np.arange(8)[:, None] * 12 + np.arange(4) * 4
+    np.testing.assert_array_equal(table[:, :, 0], np.minimum(starts // 8, 11))
+    table, seg = scale_table(values[:4], planes=8, words=12, padded_words=16, block_words=16, k=96)
+    assert seg is None and table[:, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 24-row groups, 12 per plane
+
+
+def test_jit_and_vmap():
+    rng = np.random.default_rng(2)
+    words, scales, _ = random_packed(rng, 2, 64, 12, group_size=16)
+    x = jnp.asarray(rng.normal(size=(3, 5, 64)), jnp.float32)
+    f = functools.partial(kp.packed_matmul, bits=2, group_size=16, backend="interpret")
+    want = kp.packed_matmul(x, words, scales, bits=2, group_size=16, backend="xla")
+    np.testing.assert_allclose(jax.jit(f)(x, words, scales), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(f, in_axes=(0, None, None))(x, words, scales), want, rtol=1e-5,
+                               atol=1e-5)
+    stacked = jnp.stack([words, words ^ jnp.uint32(0x5555_5555)])  # a second weight: every code changed
+    ys = jax.vmap(f)(x[:2], stacked, jnp.stack([scales, 2 * scales]))
+    for i in range(2):
+        want_i = kp.packed_matmul(x[i], stacked[i], (1 + i) * scales, bits=2, group_size=16, backend="xla")
+        np.testing.assert_allclose(ys[i], want_i, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "binary"])
+def test_all_zero_weight_gives_zeros_and_nan_input_stays_nan(fmt):
+    q = Quantizer(fmt, PerGroup(0, 32) if fmt == "int4" else PerChannel(-1))
+    x = jnp.ones((3, 64)).at[1, 5].set(jnp.nan)
+
+    @jax.jit
+    def run(x):
+        w = quantize(q, jnp.zeros((64, 8))).pack(axis=0)
+        return frozen_matmul(x, w, backend="interpret"), frozen_matmul(x, w, backend="xla")
+
+    y, want = run(x)
+    assert not np.isnan(y[::2]).any() and np.isnan(y[1]).all() and np.isnan(want[1]).all()
+    np.testing.assert_array_equal(y[::2], want[::2])
