@@ -1,0 +1,82 @@
+"""Teacher-student pieces shared by STE fine-tuning and PV-tuning.
+
+The teacher is the float model; the student its quantized copy. On every calibration batch the loss is the
+mean squared error between their outputs,
+
+    ``L = mean((f(student(batch)) - f(teacher(batch)))^2)``,
+
+where ``f = output_fn(outputs, batch)`` picks what to match (by default the model's first output, e.g. a
+transformer's last hidden state; an embedding model can match its pooled embedding). Knowledge distillation
+on outputs (Hinton et al., 2015) is how both STE-based QAT and PV-tuning (Malinovskii et al., NeurIPS 2024)
+fine-tune a quantized model without labels; PV-tuning's language models use KL on logits, an embedding
+model has no logits, so MSE on its outputs is the analogue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax.ptq.layers import check_batches
+
+OutputFn = Callable[[object, Mapping], jax.Array]
+
+
+def first_output(outputs, batch: Mapping) -> jax.Array:
+    """The model's first output: ``outputs[0]`` for a tuple or a transformers ``ModelOutput``, else
+    ``outputs`` itself."""
+    del batch
+    if isinstance(outputs, jax.Array):
+        return outputs
+    return outputs[0]
+
+
+def mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """``mean((student - teacher)^2)`` in float32."""
+    return jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)))
+
+
+def teacher_targets(model: nn.Module, variables: Mapping, batches: Sequence[Mapping],
+                    output_fn: OutputFn = first_output, apply_kwargs: Mapping | None = None
+                    ) -> list[jax.Array]:
+    """``output_fn(model.apply(variables, **batch), batch)`` for every batch (one jitted forward)."""
+    apply_kwargs = dict(apply_kwargs or {})
+    fn = jax.jit(lambda v, b: output_fn(model.apply(v, **b, **apply_kwargs), b))
+    return [fn(dict(variables), b) for b in check_batches(batches, "teacher_targets")]
+
+
+def check_steps(steps: int, who: str) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"{who}: steps={steps!r} must be an integer >= 0")
+    return steps
+
+
+def check_same_shapes(batches: Sequence[Mapping], who: str) -> None:
+    """Fine-tuning compiles one step: every batch must have the first batch's shapes."""
+    shapes = [jax.tree_util.tree_map(jnp.shape, dict(b)) for b in batches]
+    for i, s in enumerate(shapes[1:], 1):
+        if s != shapes[0]:
+            raise ValueError(f"{who}: batch {i} has shapes {s}, batch 0 {shapes[0]}; allowed: batches of "
+                             "one shape (pad every batch to the same length), so the step compiles once")
+
+
+def run_steps(step: Callable, state, batches: Sequence[Mapping], targets: Sequence[jax.Array], steps: int,
+              progress: Callable | None = None):
+    """``state, loss = step(state, batch, target)`` for ``steps`` steps cycling over the batches.
+
+    Returns ``(state, losses, seconds)``; ``progress(iterable)`` (e.g. ``tqdm``) wraps the step range.
+    """
+    pairs = itertools.cycle(list(zip(batches, targets, strict=True)))
+    losses = []
+    start = time.perf_counter()
+    for _ in (progress or (lambda r: r))(range(steps)):
+        batch, target = next(pairs)
+        state, loss = step(state, batch, target)
+        losses.append(loss)
+    jax.block_until_ready(state)
+    return state, [float(x) for x in losses], time.perf_counter() - start

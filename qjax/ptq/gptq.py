@@ -1,0 +1,239 @@
+"""GPTQ / OPTQ: quantize a layer's weight one input row at a time, spreading each rounding error onto the
+rows not yet quantized so that the layer's *output* on calibration inputs changes as little as possible.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (published as OPTQ). For a Dense kernel ``W (K, N)`` (``y = x W``) and
+calibration inputs ``X (n, K)`` it minimises ``||X W - X W_q||^2`` with the Hessian ``H = 2 X^T X / n``:
+
+1. dampening ``H += damp * mean(diag H) * I`` (``damp = 0.01``); a dead input (``H_kk = 0``) gets
+   ``H_kk = 1`` and a zero weight row;
+2. optional activation order: rows sorted by decreasing ``H_kk`` (``act_order``);
+3. ``U = chol(H^-1)^T``, the upper Cholesky factor of the inverse Hessian;
+4. for each row ``k`` in order: ``q_k = quant(w_k)``, ``e_k = (w_k - q_k) / U_kk`` and
+   ``w_j -= U_kj e_k`` for every later row ``j``; done lazily in blocks of ``block_size`` rows (128), the
+   update of the rows after a block applied once as ``W -= U_block^T E_block``.
+
+``quant`` is the rule's own quantizer (its format's rounding and its scale rule, :mod:`qjax.scales`):
+per-channel / per-tensor scales come from the original weight; per-group scales (``PerGroup(0, g)``) are
+computed from the error-updated rows when a group starts, as in the reference code; with ``act_order``
+they are computed from the original weight in its original groups ("static groups"), so a QArray still
+holds one scale per contiguous group. With ``H = I`` no error moves and GPTQ is exactly RTN.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qjax.granularity import PerChannel, PerGroup, PerTensor
+from qjax.ptq.capture import capture_fn, input_statistics
+from qjax.ptq.layers import (
+    Layer,
+    Path,
+    check_batches,
+    dequantized_params,
+    frozen_variables,
+    quantized_layers,
+    quantized_model,
+    weight,
+)
+from qjax.qarray import QArray
+from qjax.quantizer import Quantizer, quantize
+from qjax.scales import COMPUTED_RULES, compute_scale
+
+
+def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(2 X^T diag(mask) X, sum(mask))`` of one batch's input rows (sums over batches; divide last)."""
+    weighted = rows * mask[:, None]
+    return 2.0 * weighted.T @ rows, jnp.sum(mask)
+
+
+def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int):
+    if not isinstance(q, Quantizer):
+        raise ValueError(f"gptq_layer expects a Quantizer, got {type(q).__name__}")
+    if jnp.ndim(w) != 2:
+        raise ValueError(f"gptq_layer: weight must be a 2-D (in, out) kernel, got shape {jnp.shape(w)}")
+    k = w.shape[0]
+    if jnp.shape(hessian) != (k, k):
+        raise ValueError(f"gptq_layer: hessian has shape {jnp.shape(hessian)}; allowed: ({k}, {k}) for a "
+                         f"weight of shape {tuple(w.shape)}")
+    if q.scale not in COMPUTED_RULES or q.bases != 1:
+        raise ValueError(f"gptq_layer: scale rule {q.scale!r} (bases={q.bases}) is not supported; allowed: "
+                         f"single-basis quantizers with a computed scale: {', '.join(COMPUTED_RULES)}")
+    gran = q.granularity.resolve(w.shape)
+    per_output = isinstance(gran, PerChannel) and gran.axis == (-1,)
+    if not (per_output or isinstance(gran, PerTensor) or (isinstance(gran, PerGroup) and gran.axis == -2)):
+        raise ValueError(f"gptq_layer: granularity {q.granularity} is not supported; allowed: PerTensor(), "
+                         "PerChannel(-1) (per output) or PerGroup(0, size) (groups along the input axis)")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"gptq_layer: block_size={block_size!r} must be a positive integer")
+    if isinstance(gran, PerGroup) and block_size % gran.size:
+        raise ValueError(f"gptq_layer: block_size {block_size} must be a multiple of the group size "
+                         f"{gran.size}; allowed: {gran.size}, {2 * gran.size}, ...")
+    return gran
+
+
+@functools.partial(jax.jit, static_argnames=("q", "block_size", "act_order"))
+def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block_size: int,
+          act_order: bool):
+    gran = q.granularity.resolve(w.shape)
+    fmt, dtype = q.fmt, w.dtype.name
+    k, n = w.shape
+    dynamic = isinstance(gran, PerGroup) and not act_order
+    g = gran.size if isinstance(gran, PerGroup) else k
+    bsz = min(block_size, k) if not isinstance(gran, PerGroup) else block_size
+    kp = -(-k // bsz) * bsz
+
+    h = hessian.astype(jnp.float32)
+    dead = jnp.diag(h) == 0
+    h = h + jnp.diag(dead.astype(jnp.float32))
+    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
+
+    # Static scales (per channel / tensor, or act-order groups) from the original weight, one per row.
+    static = quantize(q, w)
+    blocks_shape = gran.to_blocks(w).shape
+    rows = lambda s: gran.from_blocks(jnp.broadcast_to(s, blocks_shape), (k, n))
+    has_zero = static.zero_point is not None
+    s_rows = rows(static.scale)[perm]
+    z_rows = rows(static.zero_point)[perm] if has_zero else jnp.zeros((k, n), jnp.float32)
+
+    wp, hp = w[perm], h[perm][:, perm]
+    pad = kp - k
+    wp = jnp.pad(wp, ((0, pad), (0, 0)))
+    s_rows = jnp.pad(s_rows, ((0, pad), (0, 0)), constant_values=1.0)
+    z_rows = jnp.pad(z_rows, ((0, pad), (0, 0)))
+    hp = jnp.pad(hp, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(kp) >= k).astype(jnp.float32)
+    chol = jnp.linalg.cholesky(hp)
+    hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(kp, dtype=jnp.float32))
+    u = jnp.linalg.cholesky(hinv).T  # upper: u[i, j] = 0 for j < i
+    ok = jnp.all(jnp.isfinite(u))
+
+    def group_scale(block_w, i):
+        part = jax.lax.dynamic_slice(block_w, (i, 0), (g, n))
+        s, z = compute_scale(q.scale, fmt, part, (0,), q.eps)
+        return s[0], (z[0] if has_zero else jnp.zeros((n,), jnp.float32))
+
+    def columns(b0, first, count, u_block, carry, scale_of):
+        """Quantize rows ``first .. first + count`` of the block, spreading each error inside it."""
+
+        def column(i, carry):
+            block_w, err, codes = carry
+            s, z = scale_of(b0 + i)
+            row = block_w[i]
+            code = fmt.encode(row / s + z if has_zero else row / s)
+            e = (row - fmt.dequant(code, s, z if has_zero else None)) / u_block[i, i]
+            block_w = block_w - u_block[i][:, None] * e[None, :]
+            return block_w, err.at[i].set(e), codes.at[b0 + i].set(code)
+
+        return jax.lax.fori_loop(first, first + count, column, carry)
+
+    def block(b, carry):
+        wp, codes, group_s, group_z = carry
+        b0 = b * bsz
+        u_block = jax.lax.dynamic_slice(u, (b0, b0), (bsz, bsz))
+        inner = (jax.lax.dynamic_slice(wp, (b0, 0), (bsz, n)), jnp.zeros((bsz, n), jnp.float32), codes)
+        if dynamic:  # each group's scale from its rows as updated so far (reference GPTQ)
+            for j in range(bsz // g):
+                s, z = group_scale(inner[0], j * g)
+                group_s = jax.lax.dynamic_update_slice(group_s, s[None], ((b0 + j * g) // g, 0))
+                group_z = jax.lax.dynamic_update_slice(group_z, z[None], ((b0 + j * g) // g, 0))
+                inner = columns(b0, j * g, g, u_block, inner, lambda c, s=s, z=z: (s, z))
+        else:
+            inner = columns(b0, 0, bsz, u_block, inner, lambda c: (s_rows[c], z_rows[c]))
+        _, err, codes = inner
+        u_rows = jax.lax.dynamic_slice(u, (b0, 0), (bsz, kp))
+        return wp - u_rows.T @ err, codes, group_s, group_z
+
+    codes = jnp.zeros((kp, n), fmt.code_dtype)
+    groups = jnp.zeros((kp // g if dynamic else 1, n), jnp.float32)
+    _, codes, group_s, group_z = jax.lax.fori_loop(0, kp // bsz, block, (wp, codes, groups, groups))
+    inverse = jnp.argsort(perm)
+    codes = codes[:k][inverse]
+    if dynamic:
+        scale = group_s[: k // g, None, :]
+        zero = group_z[: k // g, None, :] if has_zero else None
+    else:
+        scale, zero = static.scale, static.zero_point
+    return QArray(codes, scale, zero, q.format, gran, dtype, 1), ok
+
+
+def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: int = 128,
+               damp: float | jax.Array = 0.01, act_order: bool = False) -> QArray:
+    """GPTQ of one ``(K, N)`` kernel with Hessian ``H = 2 X^T X / n`` ``(K, K)`` (module docstring).
+
+    Returns the QArray (unpacked codes, scales as :func:`qjax.quantize` lays them out for ``q``) that
+    minimises the layer's output error greedily; ``dequantize`` gives ``W_q``. Jitted (``q``,
+    ``block_size`` and ``act_order`` static); raises ``ValueError`` when the dampened Hessian is not
+    positive definite (increase ``damp``), unless called under a trace.
+    """
+    _check_layer(q, w, hessian, block_size)
+    qa, ok = _gptq(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order)
+    if not isinstance(ok, jax.core.Tracer) and not bool(ok):
+        raise ValueError(f"gptq_layer: the dampened Hessian is not positive definite (Cholesky gave "
+                         f"non-finite values) with damp={float(damp)}; allowed: a larger damp, e.g. 0.1")
+    return qa
+
+
+def _stage(layer: Layer) -> Path:
+    """The block a layer belongs to: its path up to the first numeric component (``encoder/layer/3``)."""
+    for i, part in enumerate(layer.module):
+        if part.isdigit():
+            return layer.module[: i + 1]
+    return layer.module
+
+
+def hessians(model: nn.Module, variables: Mapping, batches: Sequence[Mapping], modules: Sequence[Path], *,
+             token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None
+             ) -> dict[Path, jax.Array]:
+    """``{module path: H = 2 X^T X / n}`` over the non-padding input rows of each module (interception)."""
+    stats = input_statistics(model, variables, batches, modules, hessian_stat, token_mask=token_mask,
+                             apply_kwargs=apply_kwargs)
+    return {path: h / jnp.maximum(count, 1.0) for path, (h, count) in stats.items()}
+
+
+def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
+         block_size: int = 128, damp: float = 0.01, act_order: bool = False, sequential: bool = True,
+         token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None) -> dict:
+    """GPTQ of every weight the rules quantize; returns frozen variables (packed QArrays).
+
+    The Hessian of each Dense-like module's input is collected by interception over the calibration
+    ``batches`` (padding tokens left out). ``sequential=True`` (the paper's protocol, by block) quantizes
+    the model block by block (``encoder/layer/0``, ``.../1``, ...): a block's Hessians are collected with
+    every earlier block already quantized, so later layers correct the earlier error; ``False`` collects
+    every Hessian from the float model in one pass (faster, slightly worse).
+    """
+    batches = check_batches(batches, "gptq")
+    apply_kwargs = dict(apply_kwargs or {})
+    qmodel = quantized_model(model, rules)
+    layers = quantized_layers(qmodel, variables, batches[0], apply_kwargs)
+    for layer in layers:
+        w = weight(variables["params"], layer)
+        if layer.contract != 1 or w.ndim != 2:
+            raise ValueError(f"gptq: {layer.name} is not a Dense (in, out) kernel (shape {w.shape}); "
+                             "allowed: 2-D kernels of Dense-like modules (exclude the others by rule)")
+    stages: dict[Path, list[Layer]] = {}
+    for layer in layers:
+        stages.setdefault(_stage(layer) if sequential else (), []).append(layer)
+    qarrays: dict[Path, QArray] = {}
+    params = variables["params"]
+    modules = list(dict.fromkeys(layer.module for layer in layers))
+    fn = capture_fn(qmodel.model, modules, hessian_stat, token_mask=token_mask, apply_kwargs=apply_kwargs)
+    for stage_layers in stages.values():  # one compiled forward; each stage computes only its Hessians
+        current = {**variables, "params": dequantized_params(params, qarrays)}
+        active = {layer.module: True for layer in stage_layers}
+        stats = input_statistics(qmodel.model, current, batches, modules, hessian_stat, fn=fn, active=active)
+        for layer in stage_layers:
+            h, count = stats[layer.module]
+            w = weight(params, layer)
+            try:
+                qarrays[layer.path] = gptq_layer(layer.quantizer, w, h / jnp.maximum(count, 1.0),
+                                                 block_size=block_size, damp=damp, act_order=act_order)
+            except ValueError as err:
+                raise ValueError(f"gptq: layer {layer.name}: {err}") from None
+    return frozen_variables(variables, layers, qarrays)

@@ -1,0 +1,181 @@
+"""PV-tuning: fine-tune a quantized model by alternating a continuous P step and a discrete V step.
+
+Malinovskii, Mazur, Ilin, Kuznedelev, Burlachenko, Yi, Alistarh, Richtarik, "PV-Tuning: Beyond Straight-
+Through Estimation for Extreme LLM Compression", NeurIPS 2024 (reference code Vahe1994/AQLM,
+``src/pv_optimizer.py``). A quantized weight is a partition, its integer codes ``c``, plus values, its
+scales ``s`` and zero points ``z``: ``W_q = s * (c - z)`` per group (:func:`qjax.dequantize`).
+
+- **P step** (codes fixed): Adam (lr 3e-4, betas (0.9, 0.95)) on ``s``, ``z`` and every parameter the
+  rules leave float, with the exact gradient through dequantization, ``dL/ds = sum_group dL/dW_q * (c - z)``:
+  no straight-through estimator.
+- **V step**, linearized subspace ("PV + STE", the paper's best variant): a float buffer ``B`` (initially
+  ``W_q``, kept between steps) takes a normalized step along ``g = dL/dW_q``, LAMB-style (Adam second moment
+  with beta1 0, beta2 0.95, step ``lr * (||B|| / ||u||) * u``, lr 1e-2); then only the top ``tau`` fraction
+  (0.01) of entries by ``(B - W_q)^2``, per weight, are re-rounded to the grid,
+  ``c = clip(round(B / s + z), lo, hi)`` (the rule's own rounding, :func:`qjax.quantize` with the scale
+  given), so at most ``ceil(tau * size)`` codes of a weight change per V step and codes never leave the grid.
+
+The loss is the teacher-student MSE of :mod:`qjax.ptq.distill`. One forward-backward per step gives both
+gradients (``dL/dW_q`` through an added zero ``delta``); the whole step is one jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from qjax.linen import get_path
+from qjax.ptq.distill import (
+    OutputFn,
+    check_same_shapes,
+    check_steps,
+    first_output,
+    mse,
+    run_steps,
+    teacher_targets,
+)
+from qjax.ptq.layers import (
+    Layer,
+    Path,
+    check_batches,
+    frozen_variables,
+    quantized_layers,
+    quantized_model,
+    weight,
+    with_weights,
+)
+from qjax.ptq.ste import float_variables
+from qjax.qarray import QArray, dequantize, unpack
+from qjax.quantizer import Quantizer, quantize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PVState:
+    """Everything PV-tuning updates: the continuous group (``floats``: params with the quantized weights
+    taken out; ``scales``: ``{name: (s, z)}``), the codes, the V buffers and both optimizer states."""
+
+    floats: dict
+    scales: dict
+    codes: dict
+    buffers: dict
+    p_state: optax.OptState
+    v_state: optax.OptState
+
+
+def top_tau_mask(score: jax.Array, tau: float) -> jax.Array:
+    """Boolean mask of the ``ceil(tau * size)`` largest entries of ``score`` (ties broken by position)."""
+    k = max(1, math.ceil(tau * score.size))
+    _, idx = jax.lax.top_k(score.reshape(-1), k)
+    return jnp.zeros(score.size, bool).at[idx].set(True).reshape(score.shape)
+
+
+def requantize_subspace(qa: QArray, buffer: jax.Array, tau: float) -> QArray:
+    """The V step's discrete update of one weight: re-round the top ``tau`` fraction of entries by
+    ``(B - W_q)^2`` to the grid with ``qa``'s scales, ``c = clip(round(B / s + z), lo, hi)``;
+    keep the rest."""
+    qa = unpack(qa)
+    current = dequantize(qa).astype(jnp.float32)
+    given = _quantizer_of(qa)
+    rounded = quantize(given, buffer.astype(jnp.float32), scale=qa.scale, zero_point=qa.zero_point).codes
+    mask = top_tau_mask(jnp.square(buffer - current), tau)
+    return dataclasses.replace(qa, codes=jnp.where(mask, rounded, qa.codes))
+
+
+def _quantizer_of(qa: QArray) -> Quantizer:
+    return Quantizer(qa.format, qa.granularity, "given")
+
+
+def _split(params: Mapping, layers: Sequence[Layer], qarrays: Mapping[Path, QArray]):
+    floats = with_weights(params, {layer.path: None for layer in layers})
+    scales = {layer.name: (qarrays[layer.path].scale, qarrays[layer.path].zero_point) for layer in layers}
+    codes = {layer.name: qarrays[layer.path].codes for layer in layers}
+    return floats, scales, codes
+
+
+def _qarrays(layers: Sequence[Layer], templates: Mapping[Path, QArray], scales, codes) -> dict[Path, QArray]:
+    return {layer.path: dataclasses.replace(templates[layer.path], codes=codes[layer.name],
+                                            scale=scales[layer.name][0], zero_point=scales[layer.name][1])
+            for layer in layers}
+
+
+def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
+              teacher: Mapping | None = None, steps: int = 100, p_learning_rate: float = 3e-4,
+              v_learning_rate: float = 1e-2, tau: float = 0.01, output_fn: OutputFn = first_output,
+              apply_kwargs: Mapping | None = None, progress: Callable | None = None
+              ) -> tuple[dict, list[float]]:
+    """PV-tuning (module docstring); returns ``(frozen variables, per-step losses)``.
+
+    ``variables``: frozen variables to start from (e.g. :func:`qjax.ptq.gptq`'s) or float ones (then
+    rounded to nearest); ``teacher``: the float model's variables (default: ``variables`` if float).
+    Each step is one P step and one V step on one batch; all batches must share their shapes.
+    """
+    batches = check_batches(batches, "pv_tuning")
+    check_steps(steps, "pv_tuning")
+    check_same_shapes(batches, "pv_tuning")
+    if not 0 < tau <= 1:
+        raise ValueError(f"pv_tuning: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
+    apply_kwargs = dict(apply_kwargs or {})
+    qmodel = quantized_model(model, rules)
+    layers = quantized_layers(qmodel, float_variables(variables), batches[0], apply_kwargs)
+    params = variables["params"]
+    templates = {}
+    for layer in layers:
+        w = get_value(params, layer)
+        if not isinstance(w, QArray):
+            w = quantize(layer.quantizer, w)
+        if w.fmt.kind not in ("int", "ternary") or w.bases != 1:
+            raise ValueError(f"pv_tuning: {layer.name} has format {w.format!r}; allowed: scalar integer "
+                             "grids (int2..int8, uint2..uint8, ternary)")
+        templates[layer.path] = unpack(w)
+    if teacher is None and any(isinstance(get_value(params, layer), QArray) for layer in layers):
+        raise ValueError("pv_tuning: variables are already quantized; pass teacher= (the float variables)")
+    teacher = float_variables(teacher if teacher is not None else variables)
+    targets = teacher_targets(qmodel.model, teacher, batches, output_fn, apply_kwargs)
+    rest = {k: v for k, v in variables.items() if k not in ("params", "quant")}
+
+    p_opt = optax.adam(p_learning_rate, b1=0.9, b2=0.95)
+    v_opt = optax.lamb(v_learning_rate, b1=0.0, b2=0.95, weight_decay=0.0)
+
+    def loss_fn(continuous, deltas, codes, batch, target):
+        floats, scales = continuous
+        qarrays = _qarrays(layers, templates, scales, codes)
+        values = {layer.path: dequantize(qarrays[layer.path]) + deltas[layer.name] for layer in layers}
+        out = qmodel.model.apply({**rest, "params": with_weights(floats, values)}, **batch, **apply_kwargs)
+        return mse(output_fn(out, batch), target)
+
+    @jax.jit
+    def step(state: PVState, batch, target):
+        deltas = jax.tree_util.tree_map(jnp.zeros_like, state.buffers)
+        loss, (g_cont, g_w) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+            (state.floats, state.scales), deltas, state.codes, batch, target)
+        # P step: the continuous parameters, codes fixed.
+        cont = (state.floats, state.scales)
+        updates, p_state = p_opt.update(g_cont, state.p_state, cont)
+        floats, scales = optax.apply_updates(cont, updates)
+        # V step: the buffer takes a LAMB step, then the top-tau entries are re-rounded.
+        updates, v_state = v_opt.update(g_w, state.v_state, state.buffers)
+        buffers = optax.apply_updates(state.buffers, updates)
+        qarrays = _qarrays(layers, templates, scales, state.codes)
+        codes = {layer.name: requantize_subspace(qarrays[layer.path], buffers[layer.name], tau).codes
+                 for layer in layers}
+        return PVState(floats, scales, codes, buffers, p_state, v_state), loss
+
+    floats, scales, codes = _split(params, layers, templates)
+    buffers = {layer.name: dequantize(templates[layer.path]).astype(jnp.float32) for layer in layers}
+    state = PVState(floats, scales, codes, buffers, p_opt.init((floats, scales)), v_opt.init(buffers))
+    state, losses, _ = run_steps(step, state, batches, targets, steps, progress)
+    final = _qarrays(layers, templates, state.scales, state.codes)
+    return frozen_variables({**variables, "params": state.floats}, layers, final), losses
+
+
+def get_value(params: Mapping, layer: Layer) -> jax.Array | QArray:
+    """The stored weight of ``layer``: a QArray if it is frozen, else the float array."""
+    w = get_path(params, layer.path)
+    return w if w is not None else weight(params, layer)
