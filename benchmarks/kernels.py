@@ -159,7 +159,7 @@ def environment() -> dict:
 
 def table(result: dict) -> str:
     lines = ["| K=N | M | method | median ms | time / f32 dot | weight bytes | bytes / f32 | bytes / bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"] if result["cpu"] else []
     for r in result["cpu"]:
         lines.append(f"| {r['K=N']} | {r['M']} | {r['method']} | {r['median_ms']:.3f} | "
                      f"{r['time_vs_f32_dot']:.2f} | {r['weight_bytes']:,} | {r['bytes_vs_f32']:.4f} | "
