@@ -65,6 +65,14 @@ def kernel_options(backend: str) -> dict[str, bool]:
     return {"interpret": backend == "interpret", "k_in_grid": backend == "interpret" or platform() != "gpu"}
 
 
+def tile(size: int, cap: int, quantum: int, pow2: bool) -> int:
+    """A block length for an axis of ``size``: ``size`` rounded up to a multiple of ``quantum`` (and to a
+    power of two if ``pow2``: the GPU lowering wants power-of-two arrays), at most ``cap``. A block below
+    ``cap`` spans the whole padded axis; ``cap`` itself must meet the TPU rule (a multiple of 8 or 128)."""
+    length = round_up(size, quantum)
+    return min(cap, 1 << (length - 1).bit_length() if pow2 else length)
+
+
 def round_up(value: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= value``."""
     return -(-value // multiple) * multiple

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas.backends import compiler_params, round_up
+from kernels_pallas.backends import compiler_params, round_up, tile
 
 BLOCK_M = 128
 BLOCK_N = 256
@@ -50,7 +50,8 @@ def int8_dot_pallas(a: jax.Array, b: jax.Array, *, interpret: bool = False, k_in
     lead, k = a.shape[:-1], a.shape[-1]
     a2 = a.reshape(-1, k)
     m, n = a2.shape[0], b.shape[1]
-    bm, bn, bk = min(block_m, round_up(m, 32)), min(block_n, round_up(n, 128)), min(block_k, round_up(k, 128))
+    pow2 = not k_in_grid  # the GPU (Triton) lowering: power-of-two arrays
+    bm, bn, bk = tile(m, block_m, 32, pow2), tile(n, block_n, 128, pow2), tile(k, block_k, 128, pow2)
     mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
     a2 = jnp.pad(a2, ((0, mp - m), (0, kp - k)))
     b2 = jnp.pad(b, ((0, kp - k), (0, np_ - n)))

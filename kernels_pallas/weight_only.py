@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels_pallas.backends import compiler_params, round_up
+from kernels_pallas.backends import compiler_params, round_up, tile
 
 BLOCK_M = 128
 BLOCK_N = 256
@@ -93,7 +93,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
 
         def plane(j, acc):  # unpack plane j in registers and multiply it by its slice of x
             x = x_ref[j, :, pl.ds(k0, block_words)]
-            field = (words >> (j * bits).astype(jnp.uint32)) & jnp.uint32(mask)
+            field = (words >> jnp.asarray(j * bits).astype(jnp.uint32)) & jnp.uint32(mask)
             w = decode(field.astype(jnp.int32), bits, signed).astype(jnp.float32)
             scale = rows(s_ref, j, kb)
             if z_ref is not None:
@@ -103,7 +103,12 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
             w = w * _repeat(scale, block_words)
             return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-        return jax.lax.fori_loop(0, planes, plane, jnp.zeros(o_ref.shape, jnp.float32), unroll=unroll)
+        acc = jnp.zeros(o_ref.shape, jnp.float32)
+        if not unroll:
+            return jax.lax.fori_loop(0, planes, plane, acc)
+        for j in range(planes):  # static planes: constant shifts and plane indices
+            acc = plane(j, acc)
+        return acc
 
     if k_blocks is None:
         kb = pl.program_id(2)
@@ -129,12 +134,13 @@ def _repeat(rows: jax.Array, length: int) -> jax.Array:
 def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
                          zero_point: jax.Array | None = None, signed: bool = True, interpret: bool = False,
                          k_in_grid: bool = True, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                         block_k: int = BLOCK_K) -> jax.Array:
+                         block_k: int = BLOCK_K, unroll: bool | None = None) -> jax.Array:
     """``x (..., K) @ W`` for the packed ``(ceil(K / (32 // bits)), N)`` uint32 ``w_packed`` (module
     docstring), float32 ``(..., N)``. Arguments are assumed checked by :func:`kernels_pallas.packed_matmul`.
 
     ``k_in_grid``: accumulate over a K grid axis (TPU, interpret) or loop over K in the kernel (GPU).
     ``block_k``: K rows per block; the block holds ``max(128, block_k // (32 // bits))`` words.
+    ``unroll``: unroll the loop over planes (default: unless ``interpret``).
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -142,11 +148,10 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
         x2 = x2.astype(jnp.float32)
     m, (words, n) = x2.shape[0], w_packed.shape
     planes = 32 // bits
-    bm = min(block_m, round_up(m, 16 if x2.dtype.itemsize == 2 else 8))
-    bn = min(block_n, round_up(n, 128))
-    bw = round_up(words, 8)
-    if bw > max(128, block_k // planes):
-        bw = max(128, block_k // planes)
+    pow2 = not k_in_grid  # the GPU (Triton) lowering: power-of-two arrays, dots of 16 or more
+    bm = tile(m, block_m, 16 if pow2 or x2.dtype.itemsize == 2 else 8, pow2)
+    bn = tile(n, block_n, 128, pow2)
+    bw = tile(words, max(128, block_k // planes), 16 if pow2 else 8, pow2)
     mp, np_, wp = round_up(m, bm), round_up(n, bn), round_up(words, bw)
     x3 = jnp.pad(x2, ((0, mp - m), (0, planes * words - k))).reshape(mp, planes, words).transpose(1, 0, 2)
     x3 = jnp.pad(x3, ((0, 0), (0, 0), (0, wp - words)))
@@ -156,7 +161,8 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
     tables, segs = zip(*(scale_table(t, planes=planes, words=words, padded_words=wp, block_words=bw, k=k)
                          for t in tables), strict=True)
     kernel = functools.partial(_kernel, bits=bits, signed=signed, seg=segs[0], block_words=bw,
-                               k_blocks=None if k_in_grid else wp // bw, unroll=not interpret)
+                               k_blocks=None if k_in_grid else wp // bw,
+                               unroll=not interpret if unroll is None else unroll)
     if k_in_grid:
         grid = (mp // bm, np_ // bn, wp // bw)
         x_spec = pl.BlockSpec((planes, bm, bw), lambda i, j, kb: (0, i, kb))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels_pallas as kp
+from kernels_pallas.backends import tile
 from kernels_pallas.weight_only import packed_matmul_pallas, scale_table
 from qjax import PerChannel, PerGroup, Quantizer, quantize
 from qjax.serving import frozen_matmul
@@ -45,7 +46,7 @@ GRID = [
     (1, 2, 8200, 20, None, {}),
     (1, 3, 96, 20, 32, {}),
     (2, 7, 300, 33, None, {"ternary": True}),
-    (4, 17, 256, 300, 32, {"block_k": 1024, "k_in_grid": False}),
+    (4, 17, 256, 300, 32, {"block_k": 1024, "k_in_grid": False, "unroll": True}),  # as compiled for a GPU
     (8, 4, 40, 9, 8, {"k_in_grid": False, "signed": False, "zero_point": True}),
 ]
 
@@ -53,7 +54,7 @@ GRID = [
 @pytest.mark.parametrize("bits,m,k,n,group_size,options", GRID)
 def test_kernel_matches_reference_on_a_grid(bits, m, k, n, group_size, options):
     rng = np.random.default_rng(bits * 1000 + k)
-    kernel = {key: options[key] for key in ("block_k", "k_in_grid") if key in options}
+    kernel = {key: options[key] for key in ("block_k", "k_in_grid", "unroll") if key in options}
     signed = options.get("signed", True)
     words, scales, zero = random_packed(rng, bits, k, n, group_size=group_size, signed=signed,
                                         ternary=options.get("ternary", False),
@@ -84,6 +85,12 @@ def test_bfloat16_activations_and_leading_axes():
     x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.bfloat16)
     check_against_reference(x, words, scales, None, bits=4, group_size=32)
     assert kp.packed_matmul(x, words, scales, bits=4, backend="interpret").shape == (2, 3, 24)
+
+
+def test_tiles_meet_the_tpu_and_gpu_rules():
+    assert tile(20, 128, 8, False) == 24 and tile(300, 128, 8, False) == 128  # whole axis, or a 128 multiple
+    assert tile(20, 128, 16, True) == 32 and tile(3, 256, 128, True) == 128
+    assert tile(700, 512, 128, True) == 512
 
 
 def test_scale_table_rows_follow_the_groups():
