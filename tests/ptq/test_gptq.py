@@ -63,7 +63,7 @@ def test_groups_keep_one_scale_per_group_and_codes_on_grid():
 
 
 def test_dead_inputs_and_padding_to_block():
-    x, w, h = _data(3)
+    _, w, h = _data(3)
     h = h.at[5].set(0.0).at[:, 5].set(0.0)  # input 5 never fires
     qa = gptq_layer(Quantizer("int4", PerChannel(-1)), w, h, block_size=48)  # 128 rows: blocks of 48 + pad
     assert qa.shape == w.shape and np.all(np.isfinite(dequantize(qa)))
