@@ -16,8 +16,11 @@ only arrays, never Flax.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels_pallas import backends
 from kernels_pallas.backends import BACKENDS, KernelFallbackWarning
@@ -49,8 +52,31 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
     if backend == "xla":
         return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
                                  zero_point=zero_point, signed=signed)
-    return packed_matmul_pallas(x, w_packed, scales, bits=bits, zero_point=zero_point, signed=bool(signed),
-                                **backends.kernel_options(backend))
+    reference = functools.partial(packed_matmul_xla, bits=bits, group_size=group_size, signed=signed)
+    kernel = functools.partial(packed_matmul_pallas, bits=bits, signed=bool(signed),
+                               **backends.kernel_options(backend))
+    return _kernel_with_reference_vjp(kernel, reference, x, w_packed, scales, zero_point)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_with_reference_vjp(kernel, reference, x, w_packed, scales, zero_point):
+    """The kernel forward; the backward of the reference (``d/dx``, ``d/dscales``, ``d/dzero_point``; the
+    integer words get a zero cotangent), so ``jax.grad`` works through the Pallas backends too."""
+    return kernel(x, w_packed, scales, zero_point=zero_point)
+
+
+def _kernel_fwd(kernel, reference, x, w_packed, scales, zero_point):
+    return kernel(x, w_packed, scales, zero_point=zero_point), (x, w_packed, scales, zero_point)
+
+
+def _kernel_bwd(kernel, reference, residuals, g):
+    x, w_packed, scales, zero_point = residuals
+    _, vjp = jax.vjp(lambda x, s, z: reference(x, w_packed, s, zero_point=z), x, scales, zero_point)
+    dx, ds, dz = vjp(g)
+    return dx, np.zeros(w_packed.shape, jax.dtypes.float0), ds, dz
+
+
+_kernel_with_reference_vjp.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def int8_dot(x_codes: jax.Array, w_codes: jax.Array, *, backend: str = "auto") -> jax.Array:
