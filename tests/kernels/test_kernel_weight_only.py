@@ -149,3 +149,28 @@ def test_grad_through_the_kernel_matches_the_reference():
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     for got, want in zip(grad(x, scales, zero, "interpret"), grad(x, scales, zero, "xla"), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("bits,m,k,n,block_k", [(4, 5, 1000, 300, 512), (1, 20, 9000, 40, 2048),
+                                                (8, 3, 40, 9, 2048)])
+def test_blocks_obey_the_tpu_rules(bits, m, k, n, block_k, monkeypatch):
+    """Every block's last two dimensions are multiples of 8 and 128, or span the whole (padded) array."""
+    from jax.experimental import pallas as pl
+
+    seen = []
+    original = pl.pallas_call
+
+    def recording(kernel, **kwargs):
+        call = original(kernel, **kwargs)
+        specs = [*kwargs["in_specs"], kwargs["out_specs"]]
+        return lambda *ops: seen.extend(zip(specs, [*ops, call(*ops)], strict=True)) or seen[-1][1]
+
+    monkeypatch.setattr(pl, "pallas_call", recording)
+    words, scales, _ = random_packed(np.random.default_rng(0), bits, k, n)
+    x = jnp.ones((m, k), jnp.float32)
+    y = packed_matmul_pallas(x, words, scales, bits=bits, interpret=True, block_k=block_k)
+    assert y.shape == (m, n) and len(seen) == 4  # x planes, words, scales, output
+    for spec, array in seen:
+        *_, rows, cols = spec.block_shape
+        assert rows % 8 == 0 or rows == array.shape[-2], (spec.block_shape, array.shape)
+        assert cols % 128 == 0 or cols == array.shape[-1], (spec.block_shape, array.shape)
