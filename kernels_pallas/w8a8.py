@@ -50,6 +50,8 @@ def int8_dot_pallas(a: jax.Array, b: jax.Array, *, interpret: bool = False, k_in
     lead, k = a.shape[:-1], a.shape[-1]
     a2 = a.reshape(-1, k)
     m, n = a2.shape[0], b.shape[1]
+    if 0 in (m, n, k):  # nothing to tile: an empty sum is 0
+        return jnp.zeros((*lead, n), jnp.int32)
     pow2 = not k_in_grid  # the GPU (Triton) lowering: power-of-two arrays
     bm, bn, bk = tile(m, block_m, 32, pow2), tile(n, block_n, 128, pow2), tile(k, block_k, 128, pow2)
     mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)

@@ -147,6 +147,8 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
     if x2.dtype not in KERNEL_DTYPES:
         x2 = x2.astype(jnp.float32)
     m, (words, n) = x2.shape[0], w_packed.shape
+    if 0 in (m, n, k):  # nothing to tile: an empty sum is 0
+        return jnp.zeros((*lead, n), jnp.float32)
     planes = 32 // bits
     pow2 = not k_in_grid  # the GPU (Triton) lowering: power-of-two arrays, dots of 16 or more
     bm = tile(m, block_m, 16 if pow2 or x2.dtype.itemsize == 2 else 8, pow2)

@@ -104,6 +104,16 @@ def test_scale_table_rows_follow_the_groups():
     assert seg is None and table[:, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 24-row groups, 12 per plane
 
 
+def test_empty_batch_and_empty_output():
+    words, scales, _ = random_packed(np.random.default_rng(3), 4, 64, 8)
+    for backend in ("xla", "interpret"):
+        assert kp.packed_matmul(jnp.ones((0, 64)), words, scales, bits=4, backend=backend).shape == (0, 8)
+        y = kp.packed_matmul(jnp.ones((2, 64)), words[:, :0], scales[:, :0], bits=4, backend=backend)
+        assert y.shape == (2, 0)
+        acc = kp.int8_dot(jnp.ones((0, 5), jnp.int8), jnp.ones((5, 3), jnp.int8), backend=backend)
+        assert acc.shape == (0, 3) and acc.dtype == jnp.int32
+
+
 def test_jit_and_vmap():
     rng = np.random.default_rng(2)
     words, scales, _ = random_packed(rng, 2, 64, 12, group_size=16)
