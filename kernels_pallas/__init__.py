@@ -10,7 +10,8 @@
 Backends (:mod:`kernels_pallas.backends`): ``"xla"`` the pure-jnp reference (:mod:`kernels_pallas.reference`),
 ``"pallas"`` the kernel compiled for TPU (Mosaic) or GPU, ``"interpret"`` the same kernel in Pallas'
 interpreter (any platform; how CPU tests run it), ``"auto"`` = ``"pallas"`` on TPU/GPU, else ``"xla"`` with a
-one-time :class:`KernelFallbackWarning`. All functions work under ``jit`` and ``vmap``; this package knows
+one-time :class:`KernelFallbackWarning`. All functions work under ``jit``, ``vmap`` and ``grad`` (the Pallas
+backends differentiate by the reference's backward) and on sharded inputs; this package knows
 only arrays, never Flax.
 """
 

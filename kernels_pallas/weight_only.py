@@ -139,7 +139,7 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
     docstring), float32 ``(..., N)``. Arguments are assumed checked by :func:`kernels_pallas.packed_matmul`.
 
     ``k_in_grid``: accumulate over a K grid axis (TPU, interpret) or loop over K in the kernel (GPU).
-    ``block_k``: K rows per block; the block holds ``max(128, block_k // (32 // bits))`` words.
+    ``block_k``: K rows per block; a block holds at most ``max(128, block_k // (32 // bits))`` words.
     ``unroll``: unroll the loop over planes (default: unless ``interpret``).
     """
     lead, k = x.shape[:-1], x.shape[-1]
