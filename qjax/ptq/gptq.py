@@ -77,7 +77,10 @@ def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int
     return gran
 
 
-@functools.partial(jax.jit, static_argnames=("q", "block_size", "act_order"))
+# The solver is a long sequential loop whose speed depends on XLA's backend optimizations: keep them on
+# even when a caller lowers the global level to compile faster (the quick tests do).
+@functools.partial(jax.jit, static_argnames=("q", "block_size", "act_order"),
+                   compiler_options={"xla_backend_optimization_level": 3})
 def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block_size: int,
           act_order: bool):
     gran = q.granularity.resolve(w.shape)
