@@ -22,7 +22,6 @@ holds one scale per contiguous group. With ``H = I`` no error moves and GPTQ is 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -77,10 +76,6 @@ def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int
     return gran
 
 
-# The solver is a long sequential loop whose speed depends on XLA's backend optimizations: keep them on
-# even when a caller lowers the global level to compile faster (the quick tests do).
-@functools.partial(jax.jit, static_argnames=("q", "block_size", "act_order"),
-                   compiler_options={"xla_backend_optimization_level": 3})
 def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block_size: int,
           act_order: bool):
     gran = q.granularity.resolve(w.shape)
@@ -166,6 +161,18 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     return QArray(codes, scale, zero, q.format, gran, dtype, 1), ok
 
 
+_STATIC = ("q", "block_size", "act_order")
+_gptq_nested = jax.jit(_gptq, static_argnames=_STATIC)
+# The solver is a long sequential loop whose speed depends on XLA's backend optimizations: at top level
+# keep them on even when a caller lowers the global level to compile faster (the quick tests do).
+_gptq_top = jax.jit(_gptq, static_argnames=_STATIC, compiler_options={"xla_backend_optimization_level": 3})
+
+
+def _tracing(*arrays) -> bool:
+    """Whether we run under a trace (jit, vmap, grad): there, only a plain nested jit is allowed."""
+    return any(isinstance(a, jax.core.Tracer) for a in (*arrays, jnp.zeros(()) + 1))
+
+
 def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: int = 128,
                damp: float | jax.Array = 0.01, act_order: bool = False) -> QArray:
     """GPTQ of one ``(K, N)`` kernel with Hessian ``H = 2 X^T X / n`` ``(K, K)`` (module docstring).
@@ -176,8 +183,10 @@ def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: in
     positive definite (increase ``damp``), unless called under a trace.
     """
     _check_layer(q, w, hessian, block_size)
-    qa, ok = _gptq(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order)
-    if not isinstance(ok, jax.core.Tracer) and not bool(ok):
+    traced = _tracing(w, hessian, damp)
+    solver = _gptq_nested if traced else _gptq_top
+    qa, ok = solver(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order)
+    if not traced and not bool(ok):
         raise ValueError(f"gptq_layer: the dampened Hessian is not positive definite (Cholesky gave "
                          f"non-finite values) with damp={float(damp)}; allowed: a larger damp, e.g. 0.1")
     return qa

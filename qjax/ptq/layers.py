@@ -63,7 +63,7 @@ def check_batches(batches: Sequence[Mapping[str, jax.Array]], who: str) -> list[
 
 
 def quantized_model(model: nn.Module, rules) -> QuantizedModel:
-    """``quantize_model(model, rules)`` without the unused-rule warning repeated by every PTQ call."""
+    """``quantize_model(model, rules)``; a :class:`~qjax.linen.QuantizedModel` passes through."""
     if isinstance(model, QuantizedModel):
         return model
     return quantize_model(model, rules)

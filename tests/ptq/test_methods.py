@@ -62,8 +62,8 @@ transformers = pytest.importorskip("transformers", reason="transformers<5 is in 
 
 
 def test_gptq_on_flax_bert_by_rules():
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=16)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,  # one kernel shape:
+                                     num_attention_heads=4, intermediate_size=32, max_position_embeddings=16)
     bert = transformers.FlaxBertModel(config, seed=0)
     variables = {"params": bert.params}
     ids = jax.random.randint(jax.random.key(0), (8, 12), 1, 64)
