@@ -113,6 +113,115 @@ def _table_buckets(table: tuple[float, ...]) -> tuple[int, np.ndarray, np.ndarra
     return shift, base, np.append(mid, np.float32(np.inf))
 
 
+DYNAMIC_MAPS = ("dynamic", "dynamic_unsigned")
+
+
+@dataclasses.dataclass(frozen=True)
+class _DynamicCodec:
+    """Constants of the arithmetic encoder of one dynamic map (see :func:`_dynamic_codec`)."""
+
+    signed: bool
+    e_min: int  # decades of the position m: e = floor(log2 m) in [e_min, e_max]
+    e_max: int
+    bounds: tuple[float, ...]  # the map's midpoint between decades e - 1 and e, for e = e_min + 1 .. e_max
+    divisors: tuple[float, ...]  # D_e = 5^(E - e) 2^s for e = e_min .. e_max (integers, exact in float32)
+    first_mid: float  # midpoint between 0 and the smallest positive value
+    last_mid: float  # midpoint between the largest value below 1 and 1.0
+
+
+def _dynamic_values(positions: np.ndarray, codec: _DynamicCodec) -> np.ndarray:
+    """``T(m) = (18 m + 9 - 16 * 2^e) / D_e`` in float32 (one correctly rounded division), ``e =
+    floor(log2 m)``, for positions ``m`` inside the decades (not 0, not the final 1.0)."""
+    e = np.floor(np.log2(positions)).astype(np.int64)
+    numerator = (18 * positions + 9 - 16 * 2**e).astype(np.float32)
+    return numerator / np.asarray(codec.divisors, np.float32)[e - codec.e_min]
+
+
+@functools.cache
+def _dynamic_codec(signed: bool) -> _DynamicCodec:
+    """The arithmetic form of :func:`dynamic_map`, checked value for value against the table.
+
+    Positions: the signed map's code ``c`` has magnitude position ``m = |c - 127|`` (``m = 0`` is 0,
+    ``m = 128``, code 255, is 1.0; negative codes mirror positive ones); the unsigned map's code has
+    ``m = c + 1`` (code 0 is 0, code 255 is 1.0). Every other ``m`` lies in the decade holding the ``2^e``
+    positions with ``e = floor(log2 m)``, and its value, the midpoint formula of :func:`dynamic_map`
+    (Dettmers et al., ICLR 2022) written as one fraction, is::
+
+        T(m) = 10^(i-6) * (0.1 + 0.9 (j + 1/2) / n_i) = (18 m + 9 - 16 * 2^e) / D_e,
+        D_e = 5^(E - e) * 2^s,  (E, s) = (7, 8) signed, (8, 9) unsigned
+
+    with numerator and ``D_e`` integers below 2^24, so the float32 table value is the correctly rounded
+    quotient (checked here for all 256 codes).
+    """
+    big_e, s, e_min, e_max = (7, 8, 0, 6) if signed else (8, 9, 1, 7)
+    table = dynamic_map(signed)
+    mid = (table[1:] + table[:-1]) / np.float32(2)
+    positive_mid = mid[127:] if signed else mid  # positive_mid[k]: between positions k + first, k + first + 1
+    first = 0 if signed else 1
+    codec = _DynamicCodec(
+        signed=signed,
+        e_min=e_min,
+        e_max=e_max,
+        bounds=tuple(float(positive_mid[2**e - 1 - first]) for e in range(e_min + 1, e_max + 1)),
+        divisors=tuple(float(5 ** (big_e - e) * 2**s) for e in range(e_min, e_max + 1)),
+        first_mid=float(positive_mid[0]),
+        last_mid=float(positive_mid[-1]),
+    )
+    inner = np.arange(1, 128) if signed else np.arange(2, 256)  # positions of the values strictly inside
+    values = table[128:255] if signed else table[1:255]
+    if not np.array_equal(_dynamic_values(inner, codec).view(np.uint32), values.view(np.uint32)):
+        raise RuntimeError("dynamic_map differs from its arithmetic form; the fast encoder needs it")
+    if signed and not np.array_equal(table[:127], -table[128:255][::-1]):
+        raise RuntimeError("dynamic_map(signed=True) is not mirrored; the fast encoder needs it")
+    return codec
+
+
+def _dynamic_encode(u: jax.Array, codec: _DynamicCodec) -> jax.Array:
+    """Nearest code of a dynamic map, computed from ``u`` (no table): equal to ``searchsorted(midpoints,
+    u, side="left")`` of the table for every float32 ``u`` (NaN as 0), i.e. the nearest value with ties
+    to the lower code.
+
+    Let ``a = |u|`` and ``P(a)`` the number of positive midpoints below ``a`` (the position of the
+    nearest positive value). The decade ``e`` is counted exactly against the map's own midpoints between
+    decades; inside it the values are evenly spaced, ``T(m) = (18 m + 9 - 16 * 2^e) / D_e``, so
+    ``y = (a D_e + 16 * 2^e) / 18`` is within a hair of the position where the midpoint between ``m - 1``
+    and ``m`` sits at ``y = m``. With ``r = round(y)`` (clamped to the decade), one exact comparison with
+    that midpoint, ``(T(r - 1) + T(r)) / 2`` in float32 as the table's, decides ``m = r - 1`` or ``r``.
+    Signed map: code ``127 + P(a)`` for ``u > 0``; for ``u < 0`` the midpoints *at or below* ``a`` count
+    (ties go to the lower, more negative code), which is ``P(nextafter(a, inf))``, capped at 127 since the
+    map has no -1.0.
+    """
+    f32 = jnp.float32
+    bits = jax.lax.bitcast_convert_type(u.astype(f32), jnp.int32)
+    magnitude = bits & 0x7FFFFFFF
+    nan = magnitude > 0x7F800000
+    neg = (bits < 0) & ~nan
+    magnitude = jnp.where(nan, 0, jnp.minimum(magnitude, 0x40000000))  # NaN -> 0; Inf and |u| > 2 -> 2
+    if codec.signed:
+        magnitude = magnitude + neg.astype(jnp.int32)  # next float up: count midpoints <= |u|
+    a = jax.lax.bitcast_convert_type(magnitude, f32)
+    e = jnp.full(a.shape, codec.e_min, jnp.int32)
+    d = jnp.full(a.shape, codec.divisors[0], f32)
+    for bound, divisor in zip(codec.bounds, codec.divisors[1:], strict=True):
+        above = a > f32(bound)
+        e = e + above.astype(jnp.int32)
+        d = jnp.where(above, f32(divisor), d)
+    pow2 = jax.lax.bitcast_convert_type((e + 127) << 23, f32)
+    r = jnp.floor((a * d + f32(16) * pow2) * f32(1 / 18) + f32(0.5))
+    r = jnp.minimum(jnp.maximum(r, pow2 + f32(1)), f32(2) * pow2 - f32(1))
+    n_r = f32(18) * r + (f32(9) - f32(16) * pow2)
+    midpoint = (n_r / d + (n_r - f32(18)) / d) * f32(0.5)
+    m = r - f32(1) + (a > midpoint).astype(f32)
+    m = jnp.where(a > f32(codec.last_mid), f32(128 if codec.signed else 256), m)
+    if codec.signed:
+        m = jnp.where(a > f32(codec.first_mid), m, f32(0))
+        code = jnp.where(neg, f32(127) - jnp.minimum(m, f32(127)), f32(127) + m)
+    else:
+        m = jnp.where(a > f32(codec.first_mid), m, f32(1))
+        code = jnp.where(neg, f32(0), m - f32(1))
+    return code.astype(jnp.int32).astype(jnp.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """A set of representable values, in grid units, and the dtype its codes are stored in.
@@ -156,6 +265,8 @@ class Format:
 
         NaN maps to the code of 0 (the quantizer marks non-finite groups through their scale).
         """
+        if self.name in DYNAMIC_MAPS:
+            return _dynamic_encode(u, _dynamic_codec(self.name == "dynamic"))
         u = jnp.where(jnp.isnan(u), 0.0, u)
         if self.kind == "binary":
             return jnp.where(u < 0, -1, 1).astype(jnp.int8)

@@ -1,5 +1,6 @@
 """Formats: value sets, nearest rounding, the dynamic map and NF4 tables."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -106,3 +107,57 @@ def test_registry_names_and_passthrough():
     fmt = F.get_format("int4")
     assert F.get_format(fmt) is fmt
     hash(fmt)  # static under jit
+
+
+def _dynamic_probes(name: str) -> np.ndarray:
+    """Every table value and midpoint of a dynamic map, the 64 float32 neighbours on each side of every
+    midpoint, all of them negated, +-0, subnormals, huge values, +-Inf, NaN, a strided sweep over all float32
+    bit patterns and random values spread over many decades."""
+    table = np.asarray(F.get_format(name).table, np.float32)
+    mid = (table[1:] + table[:-1]) / np.float32(2)
+    near = (mid.view(np.int32)[:, None] + np.arange(-64, 65, dtype=np.int32)[None, :]).view(np.float32)
+    special = np.array(
+        [0.0, 1e-45, 1e-40, 1e-38, 1e-30, 1e-8, 0.99999994, 1.0, 1.0000001, 2.0, 3.0, 1e30, 3.4e38, np.inf],
+        np.float32,
+    )
+    sweep = np.arange(0, 0x7F800001, 4099, dtype=np.int64).astype(np.uint32).view(np.float32)
+    rng = np.random.default_rng(0)
+    spread = (rng.standard_normal(200_000) * 10.0 ** rng.uniform(-9, 1, 200_000)).astype(np.float32)
+    positive = np.concatenate([table, mid, near.reshape(-1), special, sweep, spread])
+    return np.concatenate([positive, -positive, [np.nan, -np.nan]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic_unsigned"])
+def test_dynamic_map_arithmetic_form_is_the_table(name):
+    """T(m) = (18 m + 9 - 16 * 2^floor(log2 m)) / (5^(E-e) 2^s) in one float32 division is every value."""
+    codec = F._dynamic_codec(name == "dynamic")
+    table = F.dynamic_map(name == "dynamic")
+    positions = np.arange(1, 128) if codec.signed else np.arange(2, 256)
+    inside = table[128:255] if codec.signed else table[1:255]
+    np.testing.assert_array_equal(F._dynamic_values(positions, codec).view(np.uint32), inside.view(np.uint32))
+    assert codec.bounds == tuple(sorted(codec.bounds)) and len(codec.bounds) == 6
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic_unsigned"])
+@pytest.mark.parametrize("mode", ["jit", "eager"])
+def test_dynamic_encode_is_exactly_the_table_search(name, mode):
+    """The arithmetic encoder equals ``searchsorted(midpoints, u, side="left")`` (NaN as 0) bit for bit at
+    every midpoint, its float32 neighbours, the special values and a sweep of all bit patterns."""
+    fmt = F.get_format(name)
+    table = np.asarray(fmt.table, np.float32)
+    mid = (table[1:] + table[:-1]) / np.float32(2)
+    u = _dynamic_probes(name)
+    encode = jax.jit(fmt.encode) if mode == "jit" else fmt.encode
+    got = np.asarray(encode(jnp.asarray(u)))
+    expected = np.searchsorted(mid, np.where(np.isnan(u), np.float32(0), u), side="left")
+    assert got.dtype == np.uint8
+    bad = np.flatnonzero(got != expected)
+    assert bad.size == 0, [(float(u[i]), int(got[i]), int(expected[i])) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic_unsigned"])
+def test_dynamic_encode_of_every_decoded_value_is_its_code(name):
+    fmt = F.get_format(name)
+    codes = jnp.arange(256, dtype=jnp.uint8)
+    np.testing.assert_array_equal(fmt.encode(fmt.decode(codes)), codes)
+    np.testing.assert_array_equal(fmt.decode(codes), np.asarray(fmt.table, np.float32))

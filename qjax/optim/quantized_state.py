@@ -23,6 +23,12 @@ so its parameter and state are unchanged and no block absmax becomes NaN. A stat
 gradient leaf by the longest key-path suffix of equal shape (``mu['dense']['kernel']`` ->
 ``['dense']['kernel']``). A block all of whose gradients are non-finite keeps its codes and absmax bit
 for bit (re-encoding an unchanged block would move it by the map's asymmetry, -0.99297 vs 1.0).
+
+Speed (XLA on CPU): codes are found arithmetically (:meth:`qjax.formats.Format.encode` of the dynamic
+maps), the block maxima of all leaves of one parameter and the "any finite gradient" flags come from one
+variadic reduction, and the step is traced three times behind an optimization barrier (for the codes, the
+maxima and the updates) so that no full-size float32 temporary is written: each pass re-reads the uint8
+codes and the gradient and recomputes the dequantized state in registers.
 """
 
 from __future__ import annotations
@@ -35,14 +41,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qjax.formats import get_format
 from qjax.granularity import PerBlock
 from qjax.qarray import QArray, dequantize
-from qjax.quantizer import Quantizer, quantize
 
 SIGNED = "dynamic"
 UNSIGNED = "dynamic_unsigned"
 FLOAT32 = "float32"
 STATE_FORMATS = (SIGNED, UNSIGNED, FLOAT32)
+_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 SECOND_MOMENT_FIELDS = (
     "nu",
@@ -157,33 +164,103 @@ def leaf_format(
 def encode_state(x: jax.Array, fmt: str, block_size: int) -> QArray:
     """Block-wise 8-bit codes of a state leaf: nearest code of the dynamic map per block absmax.
 
-    ``a_b = max|x_b|``, ``c = argmin_k |T[k] - x / a_b|`` (:func:`qjax.quantize` with
-    ``Quantizer(fmt, PerBlock(block_size))``); with the unsigned map a positive ``x`` whose nearest code is
-    0 gets the smallest positive code instead (Dettmers et al., ICLR 2022; see the module docstring).
+    ``a_b = max|x_b|``, ``c = argmin_k |T[k] - x / a_b|`` (the same codes and scales as :func:`qjax.quantize`
+    with ``Quantizer(fmt, PerBlock(block_size))``); with the unsigned map a positive ``x`` whose nearest code
+    is 0 gets the smallest positive code instead (Dettmers et al., ICLR 2022; see the module docstring).
     """
-    q = quantize(Quantizer(fmt, PerBlock(block_size)), x)
-    # The same codes as q.codes, computed elementwise in x's shape so that they keep x's sharding (XLA
-    # drops the unused block-view codes).
-    scale = q.granularity.from_blocks(jnp.broadcast_to(q.scale, (q.scale.shape[0], block_size)), x.shape)
-    codes = q.fmt.encode(x.astype(jnp.float32) / scale)
-    if fmt == UNSIGNED:
-        codes = jnp.where((codes == 0) & (x > 0), jnp.uint8(1), codes)
-    return QArray(codes, q.scale, None, q.format, q.granularity, q.dtype)
+    gran, dtype = PerBlock(block_size), x.dtype.name
+    x = x.astype(jnp.float32)
+    (top,), _ = _block_maxima([x], None, gran)
+    return _encode_leaf(x, fmt, gran, top, dtype=dtype)
 
 
-def _keep_skipped_blocks(new: QArray, old: QArray, finite: jax.Array) -> QArray:
-    """Blocks whose gradients are all non-finite keep their old codes and absmax bit for bit."""
-    gran = old.granularity
-    live = jnp.any(gran.to_blocks(finite), axis=1, keepdims=True)
-    codes = jnp.where(live, gran.to_blocks(new.codes), gran.to_blocks(old.codes))
-    return QArray(
-        gran.from_blocks(codes, old.codes.shape),
-        jnp.where(live, new.scale, old.scale),
-        None,
-        old.format,
-        gran,
-        old.dtype,
+def _block_maxima(
+    xs: Sequence[jax.Array], finite: jax.Array | None, gran: PerBlock
+) -> tuple[list[jax.Array], jax.Array | None]:
+    """Per block of ``gran``: ``max_i key(x[i])`` of each ``x`` (all of one shape) and ``any_i finite[i]``.
+
+    ``key(v) = |v|`` for finite ``v`` and ``+inf`` otherwise, so the maximum is the block absmax, ``+inf``
+    exactly when the block holds a NaN or Inf. One variadic reduction over all the arrays: XLA fuses the
+    arrays' producers (dequantize and the inner update) into it instead of writing them out.
+    """
+    keys = [jnp.where(jnp.isfinite(xb), jnp.abs(xb), jnp.inf) for xb in map(gran.to_blocks, xs)]
+    inits = [jnp.float32(-jnp.inf)] * len(keys)
+    if finite is not None:
+        keys.append(gran.to_blocks(finite).astype(jnp.float32))
+        inits.append(jnp.float32(0))
+    out = jax.lax.reduce(
+        tuple(keys),
+        tuple(inits),
+        lambda a, b: tuple(jnp.maximum(u, v) for u, v in zip(a, b, strict=True)),
+        (1,),
     )
+    out = [o[:, None] for o in out]
+    return (out[:-1], out[-1] > 0) if finite is not None else (out, None)
+
+
+def _round_up_nonzero(codes: jax.Array, x: jax.Array) -> jax.Array:
+    """Unsigned map: a positive ``x`` whose nearest code is 0 takes code 1 (the smallest positive value),
+    since ``m / (sqrt(v) + eps)`` explodes for a second moment ``v`` that decodes to 0."""
+    return jnp.where((codes == 0) & (x > 0), jnp.uint8(1), codes)
+
+
+def _encode_leaf(
+    x: jax.Array,
+    fmt: str,
+    gran: PerBlock,
+    top: jax.Array,
+    live: jax.Array | None = None,
+    old: QArray | None = None,
+    dtype: str = "float32",
+) -> QArray:
+    """Codes and absmaxes of ``x`` from its block maxima ``top`` (see :func:`_block_maxima`).
+
+    ``s_b = max(top_b, tiny)``, NaN where ``top_b = inf`` (a NaN or Inf in the block): the scale of
+    ``qjax.quantize``'s absmax rule, the dynamic maps having ``max_abs = 1``. ``c = encode(x / s_b)``
+    elementwise in ``x``'s shape, so that the codes keep ``x``'s sharding. Blocks where ``live`` is false
+    keep ``old``'s codes and absmax bit for bit. ``dtype`` is the leaf's own dtype (what dequantize gives).
+    """
+    scale = jnp.where(top == jnp.inf, jnp.nan, jnp.maximum(top, _TINY))
+    if live is not None:
+        scale = jnp.where(live, scale, old.scale)
+    blocks = (scale.shape[0], gran.size)
+    codes = get_format(fmt).encode(x / gran.from_blocks(jnp.broadcast_to(scale, blocks), x.shape))
+    if fmt == UNSIGNED:
+        codes = _round_up_nonzero(codes, x)
+    if live is not None:
+        codes = jnp.where(gran.from_blocks(jnp.broadcast_to(live, blocks), x.shape), codes, old.codes)
+    return QArray(codes, scale, None, fmt, gran, dtype)
+
+
+def _requantize(
+    stored: Sequence,
+    after: Sequence[jax.Array],
+    finite: Sequence[jax.Array | None],
+    after_for_maxima: Sequence[jax.Array] | None = None,
+    finite_for_maxima: Sequence[jax.Array | None] | None = None,
+) -> list:
+    """New 8-bit leaves for the ``QArray`` s among ``stored`` (others pass ``after`` through).
+
+    Leaves of one shape and block size that share a gradient (``mu`` and ``nu`` of one parameter) get
+    their block maxima and the gradient's "any finite" flags from one reduction; a block with no finite
+    gradient keeps its codes and absmax (see the module docstring). The maxima are taken over
+    ``after_for_maxima`` (the same values computed separately, see ``update_fn``) when given.
+    """
+    if after_for_maxima is None:
+        after_for_maxima, finite_for_maxima = after, finite
+    out = list(after)
+    groups: dict = {}
+    for i, (node, x, ok) in enumerate(zip(stored, after, finite_for_maxima, strict=True)):
+        if _is_qarray(node):
+            groups.setdefault((id(ok), x.shape, node.granularity.size), []).append(i)
+    for (_, _, size), idx in groups.items():
+        gran, ok = PerBlock(size), finite_for_maxima[idx[0]]
+        tops, live = _block_maxima([after_for_maxima[i].astype(jnp.float32) for i in idx], ok, gran)
+        for i, top in zip(idx, tops, strict=True):
+            old = stored[i] if ok is not None else None
+            x = after[i].astype(jnp.float32)
+            out[i] = _encode_leaf(x, stored[i].format, gran, top, live, old, after[i].dtype.name)
+    return out
 
 
 def match_params(state_leaves: Sequence[tuple[tuple, tuple[int, ...]]], tree) -> list:
@@ -273,25 +350,37 @@ def quantize_state(
                 )
         return treedef.unflatten(stored)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def inner_step(updates, state, params, extra_args):
+        """The 32-bit step on the dequantized state: ``(updates, new state leaves, finite masks, grad_ok)``,
+        with non-finite gradient elements keeping their state (``s' = where(finite(g), s', s)``)."""
         leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_qarray)
         old = [dequantize(x) if _is_qarray(x) else x for _, x in leaves]
-        masks = [None] * len(old)
+        masks, grad_ok = [None] * len(old), None
         if skip_nonfinite:
-            grads = match_params([(p, jnp.shape(x)) for (p, _), x in zip(leaves, old, strict=True)], updates)
-            masks = [None if g is None else jnp.isfinite(g) for g in grads]
             grad_ok = jax.tree_util.tree_map(jnp.isfinite, updates)
+            masks = match_params([(p, jnp.shape(x)) for (p, _), x in zip(leaves, old, strict=True)], grad_ok)
             updates = jax.tree_util.tree_map(lambda g, ok: jnp.where(ok, g, 0), updates, grad_ok)
         new_updates, new_state = inner.update(updates, treedef.unflatten(old), params, **extra_args)
-        new = treedef.flatten_up_to(new_state)
-        out = []
-        for (_, stored), before, after, ok in zip(leaves, old, new, masks, strict=True):
-            if ok is not None:
-                after = jnp.where(ok, after, before)
-            if _is_qarray(stored):
-                after = encode_state(after, stored.format, stored.granularity.size)
-                after = after if ok is None else _keep_skipped_blocks(after, stored, ok)
-            out.append(after)
+        new = [
+            after if ok is None else jnp.where(ok, after, before)
+            for before, after, ok in zip(old, treedef.flatten_up_to(new_state), masks, strict=True)
+        ]
+        return new_updates, new, masks, grad_ok
+
+    def update_fn(updates, state, params=None, **extra_args):
+        leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=_is_qarray)
+        # Three traces of the same step, on copies of the inputs that XLA cannot identify with each other
+        # (an optimization barrier): one feeds the new codes, one the block maxima, one the updates. Each
+        # pass then recomputes the dequantized state and the 32-bit step in registers instead of writing
+        # full-size float32 temporaries, whose page faults cost more than the arithmetic on CPU. The
+        # values are the same in all three.
+        for_maxima, for_updates = jax.lax.optimization_barrier(
+            ((updates, state, params), (updates, state, params))
+        )
+        _, new, masks, _ = inner_step(updates, state, params, extra_args)
+        _, new_for_maxima, masks_for_maxima, _ = inner_step(*for_maxima, extra_args)
+        new_updates, _, _, grad_ok = inner_step(*for_updates, extra_args)
+        out = _requantize(leaves, new, masks, new_for_maxima, masks_for_maxima)
         if skip_nonfinite:
             new_updates = jax.tree_util.tree_map(lambda u, ok: jnp.where(ok, u, 0), new_updates, grad_ok)
         return new_updates, treedef.unflatten(out)
