@@ -50,19 +50,18 @@ def teacher_targets(model: nn.Module, variables: Mapping, batches: Sequence[Mapp
     return [fn(dict(variables), b) for b in check_batches(batches, "teacher_targets")]
 
 
-def check_steps(steps: int, who: str) -> int:
+def checked_batches(batches: Sequence[Mapping], steps: int, who: str) -> list[dict]:
+    """The fine-tuning batches after the checks: a non-empty list of dicts of arrays, all of the first
+    batch's shapes (the step compiles once), and ``steps`` an integer >= 0."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"{who}: steps={steps!r} must be an integer >= 0")
-    return steps
-
-
-def check_same_shapes(batches: Sequence[Mapping], who: str) -> None:
-    """Fine-tuning compiles one step: every batch must have the first batch's shapes."""
+    batches = check_batches(batches, who)
     shapes = [jax.tree_util.tree_map(jnp.shape, dict(b)) for b in batches]
     for i, s in enumerate(shapes[1:], 1):
         if s != shapes[0]:
             raise ValueError(f"{who}: batch {i} has shapes {s}, batch 0 {shapes[0]}; allowed: batches of "
                              "one shape (pad every batch to the same length), so the step compiles once")
+    return batches
 
 
 def run_steps(step: Callable, state, batches: Sequence[Mapping], targets: Sequence[jax.Array], steps: int,

@@ -31,19 +31,10 @@ import jax.numpy as jnp
 import optax
 
 from qjax.linen import get_path
-from qjax.ptq.distill import (
-    OutputFn,
-    check_same_shapes,
-    check_steps,
-    first_output,
-    mse,
-    run_steps,
-    teacher_targets,
-)
+from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
 from qjax.ptq.layers import (
     Layer,
     Path,
-    check_batches,
     frozen_variables,
     quantized_layers,
     quantized_model,
@@ -116,9 +107,7 @@ def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Map
     rounded to nearest); ``teacher``: the float model's variables (default: ``variables`` if float).
     Each step is one P step and one V step on one batch; all batches must share their shapes.
     """
-    batches = check_batches(batches, "pv_tuning")
-    check_steps(steps, "pv_tuning")
-    check_same_shapes(batches, "pv_tuning")
+    batches = checked_batches(batches, steps, "pv_tuning")
     if not 0 < tau <= 1:
         raise ValueError(f"pv_tuning: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
     apply_kwargs = dict(apply_kwargs or {})

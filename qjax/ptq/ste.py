@@ -21,16 +21,8 @@ import jax
 import optax
 
 from qjax.linen import freeze
-from qjax.ptq.distill import (
-    OutputFn,
-    check_same_shapes,
-    check_steps,
-    first_output,
-    mse,
-    run_steps,
-    teacher_targets,
-)
-from qjax.ptq.layers import check_batches, quantized_layers, quantized_model
+from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
+from qjax.ptq.layers import quantized_layers, quantized_model
 from qjax.qarray import QArray, dequantize
 
 
@@ -50,9 +42,7 @@ def ste_finetune(model: nn.Module, variables: Mapping, rules, batches: Sequence[
     ``variables``: float or frozen start; ``teacher``: the float model's variables (default: ``variables``,
     which must then be float). ``optimizer`` defaults to ``optax.adam(learning_rate)``. One jitted step.
     """
-    batches = check_batches(batches, "ste_finetune")
-    check_steps(steps, "ste_finetune")
-    check_same_shapes(batches, "ste_finetune")
+    batches = checked_batches(batches, steps, "ste_finetune")
     apply_kwargs = dict(apply_kwargs or {})
     qmodel = quantized_model(model, rules)
     start = float_variables(variables)
