@@ -8,7 +8,9 @@ On the parameter shapes of a ~10.5M-parameter Transformer (a 8192 x 512 embeddin
 - state bytes: ``sum(leaf.nbytes)`` of ``qjax.optim.adam8bit``'s state against ``optax.adam``'s (goal
   <= 0.26x);
 - update time: one jitted ``update`` + ``apply_updates`` (buffers donated), median over ``--rounds`` rounds
-  of ``--steps`` steps, optimizers interleaved round by round (goal <= 1.3x of ``optax.adam``);
+  of ``--steps`` steps, optimizers interleaved round by round (goal <= 1.3x of ``optax.adam``), and the
+  XLA temporary buffer of each step (``xla_temp_bytes``: on CPU it is allocated, and page-faulted in, on
+  every call);
 - peer: ``bitsandbytes.optim.Adam8bit`` against ``torch.optim.Adam`` on CPU tensors of the same shapes,
   its state bytes read from the optimizer's tensors. If bitsandbytes' CPU path fails, the error is recorded
   and its figures are "not measured".
@@ -80,6 +82,8 @@ def bench_jax(shapes: dict, rounds: int, steps: int) -> dict:
             return optax.apply_updates(p, updates), s
 
         step = jax.jit(step, donate_argnums=(0, 1))
+        memory = step.lower(params, state, grads).compile().memory_analysis()
+        out[name]["xla_temp_bytes"] = int(memory.temp_size_in_bytes) if memory is not None else NOT_MEASURED
         carry = step(jax.tree_util.tree_map(jnp.copy, params), state, grads)  # compile
         runs[name] = [step, carry, []]
     for _ in range(rounds):

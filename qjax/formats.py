@@ -196,7 +196,8 @@ def _dynamic_encode(u: jax.Array, codec: _DynamicCodec) -> jax.Array:
     magnitude = bits & 0x7FFFFFFF
     nan = magnitude > 0x7F800000
     neg = (bits < 0) & ~nan
-    magnitude = jnp.where(nan, 0, jnp.minimum(magnitude, 0x40000000))  # NaN -> 0; Inf and |u| > 2 -> 2
+    # NaN -> 0; Inf and |u| > 2 -> 2 (integer selects: XLA's float min/max would also handle NaN).
+    magnitude = jnp.where(nan, 0, jnp.where(magnitude > 0x40000000, 0x40000000, magnitude))
     if codec.signed:
         magnitude = magnitude + neg.astype(jnp.int32)  # next float up: count midpoints <= |u|
     a = jax.lax.bitcast_convert_type(magnitude, f32)
@@ -208,18 +209,21 @@ def _dynamic_encode(u: jax.Array, codec: _DynamicCodec) -> jax.Array:
         d = jnp.where(above, f32(divisor), d)
     pow2 = jax.lax.bitcast_convert_type((e + 127) << 23, f32)
     r = jnp.floor((a * d + f32(16) * pow2) * f32(1 / 18) + f32(0.5))
-    r = jnp.minimum(jnp.maximum(r, pow2 + f32(1)), f32(2) * pow2 - f32(1))
+    lowest, highest = pow2 + f32(1), f32(2) * pow2 - f32(1)
+    r = jnp.where(r > highest, highest, jnp.where(r < lowest, lowest, r))
     n_r = f32(18) * r + (f32(9) - f32(16) * pow2)
     midpoint = (n_r / d + (n_r - f32(18)) / d) * f32(0.5)
-    m = r - f32(1) + (a > midpoint).astype(f32)
+    m = jnp.where(a > midpoint, r, r - f32(1))
     m = jnp.where(a > f32(codec.last_mid), f32(128 if codec.signed else 256), m)
     if codec.signed:
         m = jnp.where(a > f32(codec.first_mid), m, f32(0))
-        code = jnp.where(neg, f32(127) - jnp.minimum(m, f32(127)), f32(127) + m)
+        code = jnp.where(neg, jnp.where(m > f32(127), f32(0), f32(127) - m), f32(127) + m)
     else:
         m = jnp.where(a > f32(codec.first_mid), m, f32(1))
         code = jnp.where(neg, f32(0), m - f32(1))
-    return code.astype(jnp.int32).astype(jnp.uint8)
+    # code is a whole number in [0, 255]: adding 2^23 puts it in the low mantissa bits (no float->int
+    # conversion with its saturation checks); the uint8 conversion keeps the low byte.
+    return jax.lax.bitcast_convert_type(code + f32(2**23), jnp.int32).astype(jnp.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
