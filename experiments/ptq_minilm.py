@@ -306,7 +306,7 @@ def main(argv=None) -> list[dict]:
     total = time.perf_counter() - start
     table = markdown_table(rows)
     print(table)
-    verdicts = [v for v in (ordering(rows, s) for s in args.settings if s.startswith("W2")) if v]
+    verdicts = [v for v in (ordering(rows, s) for s in args.settings if s in ("W2 g64", "ternary g64")) if v]
     for v in verdicts:
         print(v)
     out = results_dir(args.results_dir)
