@@ -270,7 +270,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(np.arange(len(settings)) + width * (len(methods) - 1) / 2, settings)
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.0)
-    axes[0].legend()
+    axes[0].legend(loc="lower left")
     fig.suptitle("all-MiniLM-L6-v2, every encoder Dense layer quantized (held-out sentences)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
