@@ -36,24 +36,33 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
     if rule not in INIT_RULES:
         raise ValueError(f"unknown scale rule {rule!r}; allowed: {', '.join(INIT_RULES)}")
     x = xb.astype(jnp.float32)
+    finite = jnp.isfinite(x)
     a = jnp.abs(x)
     zero_point = None
+    # A group holding a NaN or Inf gets a NaN scale. XLA's CPU max does not always carry a NaN into its
+    # result, so max-based rules reduce non-finite entries as +-inf and read the mark off the same reduction;
+    # sums carry NaN and Inf reliably (|x| >= 0); the median needs the explicit mark (one more reduction).
     if rule == "absmax":
-        scale = jnp.maximum(jnp.max(a, axes, keepdims=True), eps) / fmt.max_abs
-    elif rule == "mean_abs":
-        scale = jnp.maximum(jnp.mean(a, axes, keepdims=True), eps)
+        top = jnp.max(jnp.where(finite, a, jnp.inf), axes, keepdims=True)
+        bad = jnp.isinf(top)
+        scale = jnp.maximum(top, eps) / fmt.max_abs
+    elif rule in ("mean_abs", "lsq_init"):
+        mean = jnp.mean(a, axes, keepdims=True)
+        bad = ~jnp.isfinite(mean)
+        lsq = jnp.maximum(2.0 * mean, eps) / fmt.max_abs**0.5
+        scale = jnp.maximum(mean, eps) if rule == "mean_abs" else lsq
     elif rule == "median":
+        bad = jnp.any(~finite, axis=axes, keepdims=True)
         scale = jnp.maximum(jnp.median(a, axes, keepdims=True), eps)
-    elif rule == "lsq_init":
-        scale = jnp.maximum(2.0 * jnp.mean(a, axes, keepdims=True), eps) / fmt.max_abs**0.5
     else:
-        lo = jnp.minimum(jnp.min(x, axes, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(x, axes, keepdims=True), 0.0)
+        lo = jnp.min(jnp.where(finite, x, -jnp.inf), axes, keepdims=True)
+        hi = jnp.max(jnp.where(finite, x, jnp.inf), axes, keepdims=True)
+        bad = jnp.isinf(lo) | jnp.isinf(hi)
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), _TINY)
         zero_point = fmt.lo - jnp.round(lo / scale)
     scale = jnp.maximum(scale, _TINY)
-    # XLA's CPU max does not always carry a NaN into the result, so mark non-finite groups explicitly.
-    return mark_nonfinite(scale, xb, axes), zero_point
+    return jnp.where(bad, jnp.nan, scale), zero_point
 
 
 def mark_nonfinite(scale: jax.Array, xb: jax.Array, axes: tuple[int, ...]) -> jax.Array:
