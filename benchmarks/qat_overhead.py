@@ -32,6 +32,7 @@ Each method also records which dot products its compiled step runs (operand and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -364,11 +365,8 @@ def time_case(case: Case, warmup: int, rounds: int, steps_per_round: int, names:
 def environment() -> dict:
     qwix, why = qwix_status()
     cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # not Linux: platform.processor()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     dev = jax.devices()[0]
     return {"device": f"{dev.platform}: {dev.device_kind}", "cpu": cpu, "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "jaxlib": _version("jaxlib"),

@@ -11,14 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def results_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where results go: ``path``, else ``$QJAX_RESULTS_DIR``, else ``results/`` at the repository root."""
-    out = Path(path or os.environ.get("QJAX_RESULTS_DIR") or REPO_ROOT / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from experiments.cli import results_dir
 
 
 def _fmt_bits(bits: float) -> str:

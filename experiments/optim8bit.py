@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from flax import linen as nn
 
 import qjax.optim as qo
 from experiments import data as datasets
+from experiments.cli import add_run_options, results_dir
 
 OPTIMIZERS = {  # name: (32-bit factory, 8-bit factory, hyperparameters shared by both)
     "adam": (optax.adam, qo.adam8bit, {"learning_rate": 1e-3}),
@@ -382,18 +382,15 @@ def write_plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps on a subset (CI)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--results-dir", default=os.environ.get("QJAX_RESULTS_DIR", "results"))
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_options(parser, "a few steps on a subset (CI)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: allowed: an integer >= 1")
     start = time.perf_counter()
     result = run_all(args.quick, args.seeds, progress=not args.no_progress)
     result["total_time_s"] = round(time.perf_counter() - start, 1)
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.results_dir)
     (out / "optim8bit.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, out / "optim8bit.md")
     write_plot(result, out / "optim8bit.png")

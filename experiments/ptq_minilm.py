@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli import add_run_options, results_dir
 from qjax import PerGroup, Quantizer, Rule, ptq
 from qjax.linen import quantize_model
 from qjax.summary import summary
@@ -161,11 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--one-pass", action="store_true",
                    help="GPTQ Hessians from the float model in one pass (default: block by block)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", default=os.environ.get("QJAX_QUICK") == "1",
-                   help="CI: 16 + 32 sentences of 32 tokens, 2 steps, one-pass GPTQ, W2 g64 only "
-                   "(also QJAX_QUICK=1)")
-    p.add_argument("--results-dir", default=None, help="default: $QJAX_RESULTS_DIR or results/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "CI: 16 + 32 sentences of 32 tokens, 2 steps, one-pass GPTQ, W2 g64 only")
     args = p.parse_args(argv)
     if args.quick:
         args.calibration, args.eval, args.max_length, args.steps = 16, 32, 32, 2
@@ -224,12 +221,6 @@ def run_setting(name, module, variables, calib, eval_batches, reference, args, p
               f"{row['model_bytes']:,} B  {seconds:.1f} s", flush=True)
         rows.append(row)
     return rows
-
-
-def results_dir(path=None) -> Path:
-    out = Path(path or os.environ.get("QJAX_RESULTS_DIR") or "results")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -20,6 +20,7 @@ import time
 
 from experiments import bnn_common as bc
 from experiments import bnn_report as report
+from experiments.cli import add_run_options
 
 DEFAULT_EPOCHS = {"digits": 30, "fashion_mnist": 3}
 
@@ -32,10 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help=f"a subset of: {', '.join(m.name for m in bc.METHODS)}")
-    p.add_argument("--quick", action="store_true", default=os.environ.get("QJAX_QUICK") == "1",
-                   help="tiny run for CI: small model, 5 epochs, <= 2048 training images (also QJAX_QUICK=1)")
-    p.add_argument("--results-dir", default=None, help="default: $QJAX_RESULTS_DIR or results/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "tiny run for CI: small model, 5 epochs, <= 2048 training images")
     return p.parse_args(argv)
 
 

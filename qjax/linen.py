@@ -36,7 +36,7 @@ from qjax.int_matmul import int8_qat_matmul, integer_eligible
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
 from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, pack_axis, packed_layout
+from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
 
 INPUT_KEY = "__input__"
 
@@ -91,6 +91,30 @@ def set_path(tree: dict, path: tuple[str, ...], value) -> dict:
         return value
     out = dict(tree)
     out[path[0]] = set_path(tree.get(path[0], {}), path[1:], value)
+    return out
+
+
+def float_view(variables: Mapping) -> dict:
+    """Variables with every QArray dequantized (frozen -> float: what the unmodified model can read)."""
+    return jax.tree_util.tree_map(lambda x: dequantize(x) if isinstance(x, QArray) else x, dict(variables),
+                                  is_leaf=lambda x: isinstance(x, QArray))
+
+
+def serving_variables(variables: Mapping, params: Mapping) -> dict:
+    """Frozen variables: ``variables`` with ``params`` (holding packed QArrays) as their params. Learned
+    weight scales, folded into the QArrays, leave the ``quant`` collection; learned or calibrated *input*
+    scales stay (the frozen model still quantizes its inputs with them)."""
+
+    def inputs_only(tree: Mapping) -> dict:
+        kept = {k: v if k == INPUT_KEY else inputs_only(v) for k, v in tree.items()
+                if k == INPUT_KEY or isinstance(v, Mapping)}
+        return {k: v for k, v in kept.items() if k == INPUT_KEY or v}
+
+    out = {k: v for k, v in variables.items() if k != "quant"}
+    out["params"] = params
+    quant = inputs_only(variables.get("quant", {}))
+    if quant:
+        out["quant"] = quant
     return out
 
 
@@ -153,7 +177,7 @@ class QuantizedModel:
 
             def run(v):
                 with self._record(modules):
-                    return self.model.apply(self._float_view(v), *args, **{**kwargs, "mutable": True})
+                    return self.model.apply(float_view(v), *args, **{**kwargs, "mutable": True})
 
             jax.eval_shape(run, plain)
             self._tables[key] = self._entries(modules)
@@ -199,11 +223,6 @@ class QuantizedModel:
             variables["quant"] = quant
         return variables
 
-    def _float_view(self, variables: dict) -> dict:
-        """Variables with every QArray dequantized (what the unmodified model can read)."""
-        return jax.tree_util.tree_map(lambda x: dequantize(x) if isinstance(x, QArray) else x, variables,
-                                      is_leaf=lambda x: isinstance(x, QArray))
-
     def _model_variables(self, variables: dict, table: dict[str, ModuleEntry], hparams: dict) -> dict:
         quant = variables.get("quant", {})
         params = variables["params"]
@@ -221,7 +240,7 @@ class QuantizedModel:
                 params = set_path(params, where, qat.quantize_weight(entry.rule.weight, w, scale, hparams))
         out = {k: v for k, v in variables.items() if k != "quant"}
         out["params"] = params
-        return self._float_view(out)
+        return float_view(out)
 
     def apply(self, variables: dict, *args, hparams: dict | None = None, **kwargs):
         """``model.apply`` with weights, inputs and activations quantized by the rules.
@@ -347,14 +366,8 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
                 continue
             q = entry.rule.weight
             qa = quantize(q, w, scale=get_path(quant, where), **qat.surrogate_kwargs(q, hparams))
-            params = set_path(params, where, qa.pack(pack_axis(w.shape, entry.contract, qa.fmt.bits)))
-    out = {k: v for k, v in variables.items() if k != "quant"}
-    out["params"] = params
-    inputs = {entry.path: scale for entry in table.values()
-              if (scale := get_path(quant, (*entry.path, INPUT_KEY))) is not None}
-    for path, scale in inputs.items():
-        out["quant"] = set_path(out.get("quant", {}), (*path, INPUT_KEY), scale)
-    return out
+            params = set_path(params, where, pack_for_serving(qa, entry.contract))
+    return serving_variables(variables, params)
 
 
 def quantize_model(model: nn.Module, rules, *, warn_unused: bool = True) -> QuantizedModel:

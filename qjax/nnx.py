@@ -35,7 +35,7 @@ from qjax import qat
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, quantize
 from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, pack_axis, packed_layout
+from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
 
 OP_ATTRIBUTES: dict[str, str] = {
     "Linear": "dot_general",
@@ -251,7 +251,7 @@ def freeze(model: nnx.Module) -> None:
                       **qat.surrogate_kwargs(q, hp))
         single = isinstance(module, nnx.LinearGeneral) and len(module.axis) == 1
         contract = 1 if isinstance(module, nnx.Linear) or single else 0
-        packed = PackedWeight(qa.pack(pack_axis(qa.shape, contract, qa.fmt.bits)))
+        packed = PackedWeight(pack_for_serving(qa, contract))
         setattr(module, name, packed)
         op.frozen = packed
         op.weight_scale = None

@@ -64,6 +64,11 @@ def pack_axis(shape: tuple[int, ...], contract: int, bits: int) -> int:
     return min(range(len(shape)), key=lambda a: (words(a), -shape[a], a))
 
 
+def pack_for_serving(qa: QArray, contract: int) -> QArray:
+    """``qa`` with its codes packed in uint32 words along :func:`pack_axis` (what every freeze stores)."""
+    return qa.pack(pack_axis(qa.shape, contract, qa.fmt.bits))
+
+
 def packed_layout(w: QArray) -> tuple[int, int] | None:
     """``(K, N)`` when ``w`` can run on the packed matmul as a ``(K, N)`` matrix, else ``None``."""
     if not isinstance(w, QArray) or w.fmt.kind not in ("int", "binary", "ternary"):

@@ -63,8 +63,7 @@ def adam8bit(
 
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``, ``u = -lr m_hat / (sqrt(v_hat + eps_root) + eps)``
     with bias-corrected ``m_hat``, ``v_hat``; ``m`` and ``v`` are stored as uint8 codes of the dynamic map
-    plus
-    one float32 absmax per ``block_size`` elements (Dettmers et al., ICLR 2022). 2.03 bytes of state per
+    plus one float32 absmax per ``block_size`` elements (Dettmers et al., ICLR 2022). 2.03 bytes of state per
     parameter instead of 8.
     """
     inner = optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)

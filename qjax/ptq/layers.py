@@ -21,10 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax.linen import QuantizedModel, get_path, quantize_model, set_path
+from qjax.linen import QuantizedModel, get_path, quantize_model, serving_variables, set_path
 from qjax.qarray import QArray, dequantize, unpack
 from qjax.quantizer import Quantizer
-from qjax.serving import pack_axis
+from qjax.serving import pack_for_serving
 
 Path = tuple[str, ...]
 
@@ -107,14 +107,10 @@ def dequantized_params(params: Mapping, qarrays: Mapping[Path, QArray]) -> dict:
 
 def frozen_variables(variables: Mapping, layers: Sequence[Layer], qarrays: Mapping[Path, QArray]) -> dict:
     """Serving variables: each quantized weight as a QArray packed the way :func:`qjax.linen.freeze`
-    packs it (along K for Dense-like layers, :func:`qjax.serving.pack_axis`); other collections kept."""
-    packed = {}
-    for layer in layers:
-        qa = unpack(qarrays[layer.path])
-        packed[layer.path] = qa.pack(pack_axis(qa.shape, layer.contract, qa.fmt.bits))
-    out = {k: v for k, v in variables.items() if k != "quant"}
-    out["params"] = with_weights(variables["params"], packed)
-    return out
+    packs it (along K for Dense-like layers, :func:`qjax.serving.pack_for_serving`); other collections
+    and input scales kept (:func:`qjax.linen.serving_variables`)."""
+    packed = {layer.path: pack_for_serving(unpack(qarrays[layer.path]), layer.contract) for layer in layers}
+    return serving_variables(variables, with_weights(variables["params"], packed))
 
 
 def cast_like(value: jax.Array, like: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.linen import get_path
+from qjax.linen import float_view, get_path
 from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
 from qjax.ptq.layers import (
     Layer,
@@ -41,7 +41,6 @@ from qjax.ptq.layers import (
     weight,
     with_weights,
 )
-from qjax.ptq.ste import float_variables
 from qjax.qarray import QArray, dequantize, unpack
 from qjax.quantizer import Quantizer, quantize
 
@@ -112,7 +111,7 @@ def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Map
         raise ValueError(f"pv_tuning: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
     apply_kwargs = dict(apply_kwargs or {})
     qmodel = quantized_model(model, rules)
-    layers = quantized_layers(qmodel, float_variables(variables), batches[0], apply_kwargs)
+    layers = quantized_layers(qmodel, float_view(variables), batches[0], apply_kwargs)
     params = variables["params"]
     templates = {}
     for layer in layers:
@@ -125,7 +124,7 @@ def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Map
         templates[layer.path] = unpack(w)
     if teacher is None and any(isinstance(get_value(params, layer), QArray) for layer in layers):
         raise ValueError("pv_tuning: variables are already quantized; pass teacher= (the float variables)")
-    teacher = float_variables(teacher if teacher is not None else variables)
+    teacher = float_view(teacher if teacher is not None else variables)
     targets = teacher_targets(qmodel.model, teacher, batches, output_fn, apply_kwargs)
     rest = {k: v for k, v in variables.items() if k not in ("params", "quant")}
 

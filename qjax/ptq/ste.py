@@ -20,16 +20,9 @@ import flax.linen as nn
 import jax
 import optax
 
-from qjax.linen import freeze
+from qjax.linen import float_view, freeze
 from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
 from qjax.ptq.layers import quantized_layers, quantized_model
-from qjax.qarray import QArray, dequantize
-
-
-def float_variables(variables: Mapping) -> dict:
-    """``variables`` with every QArray dequantized (frozen -> float)."""
-    return jax.tree_util.tree_map(lambda x: dequantize(x) if isinstance(x, QArray) else x, dict(variables),
-                                  is_leaf=lambda x: isinstance(x, QArray))
 
 
 def ste_finetune(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
@@ -45,9 +38,9 @@ def ste_finetune(model: nn.Module, variables: Mapping, rules, batches: Sequence[
     batches = checked_batches(batches, steps, "ste_finetune")
     apply_kwargs = dict(apply_kwargs or {})
     qmodel = quantized_model(model, rules)
-    start = float_variables(variables)
+    start = float_view(variables)
     quantized_layers(qmodel, start, batches[0], apply_kwargs)  # fails early when the rules match nothing
-    teacher = float_variables(teacher if teacher is not None else variables)
+    teacher = float_view(teacher if teacher is not None else variables)
     targets = teacher_targets(qmodel.model, teacher, batches, output_fn, apply_kwargs)
     optimizer = optimizer or optax.adam(learning_rate)
     frozen_rest = {k: v for k, v in start.items() if k != "params"}
