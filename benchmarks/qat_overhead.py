@@ -13,6 +13,8 @@ For each model (an MLP and a small Transformer encoder LM, plain Flax Linen) and
   dynamic-range activations on the same layers' ``dot_general``; Qwix's closest equivalent);
 - ``qwix_w1a1``: not measured: Qwix has no 1-bit (sign) format, its smallest integer type is ``int2``;
 - extras, ``qjax_w8a8`` and ``qwix_w8a8``: int8 weights and inputs, the case Qwix's integer path is built for;
+  and ``qjax_w4a8_int8``: ``qjax_w4a8`` with the int8 x int8 -> int32 product forced
+  (:func:`qjax.int_matmul.qat_product`; the default on CPU is the float product of the fake-quant values);
 
 the step is one ``jax.jit``-compiled forward + backward + ``optax.adam`` update, and every method starts from
 the fp32 model's initial weights. Each step is compiled ahead of time (compile time is reported, not
@@ -55,6 +57,7 @@ import optax
 import qjax
 from qjax import PerChannel, PerToken, Quantizer, Rule
 from qjax import linen as qlinen
+from qjax.int_matmul import current_product, qat_product
 
 DENSE_TYPES = ("Dense", "DenseGeneral")
 FIRST_AND_LAST = r"(?!dense_0$|head$).*"  # W1A1 keeps the first and the last layer float
@@ -152,16 +155,20 @@ W1A1_RULES = [Rule(FIRST_AND_LAST, types=DENSE_TYPES,
                    input=Quantizer("binary", PerToken(-1), "mean_abs", "clipped_ste"), name="w1a1")]
 
 
-QJAX_METHODS = {
+QJAX_METHODS = {  # name: (rules, description, QAT product or None for the platform's default)
     "qjax_w4a8": (W4A8_RULES, "int4 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every "
-                              "Dense/DenseGeneral"),
+                              "Dense/DenseGeneral", None),
     "qjax_w1a1": (W1A1_RULES, "binary mean_abs PerChannel(-1) weights and PerToken(-1) inputs, clipped_ste, "
-                              "every Dense/DenseGeneral but the first and the last layer (float)"),
+                              "every Dense/DenseGeneral but the first and the last layer (float)", None),
     "qjax_w8a8": (W8A8_RULES, "extra: int8 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, "
-                              "every Dense/DenseGeneral"),
+                              "every Dense/DenseGeneral", None),
+    "qjax_w4a8_int8": (W4A8_RULES, "extra: qjax_w4a8 with the int8 x int8 -> int32 product forced "
+                                   "(qjax.int_matmul.qat_product('int8'))", "int8"),
 }
-# The comparison asked for, then two extras (int8 weights, the case Qwix's int8 path is built for).
-METHODS = ("fp32", "qjax_w4a8", "qjax_w1a1", "qwix_w4a8", "qwix_w1a1", "qjax_w8a8", "qwix_w8a8")
+# The comparison asked for, then the extras (int8 weights, the case Qwix's int8 path is built for; qjax's
+# int8 product where the platform default is the float one).
+METHODS = ("fp32", "qjax_w4a8", "qjax_w1a1", "qwix_w4a8", "qwix_w1a1", "qjax_w8a8", "qwix_w8a8",
+           "qjax_w4a8_int8")
 
 
 @dataclasses.dataclass
@@ -172,6 +179,15 @@ class Method:
     config: str = ""
     not_measured: str | None = None  # why, when the method cannot run here
     qmodel: Any = None
+    product: str | None = None  # qjax's QAT product when forced (qjax.int_matmul.qat_product)
+
+
+def _with_product(apply: Callable, product: str) -> Callable:
+    """``apply`` traced under ``qat_product(product)`` (the product is read at trace time)."""
+    def wrapped(*args, **kwargs):
+        with qat_product(product):
+            return apply(*args, **kwargs)
+    return wrapped
 
 
 def qwix_status() -> tuple[Any, str | None]:
@@ -197,9 +213,10 @@ def _qwix_method(qwix, model: nn.Module, name: str, weight_qtype, act_qtype) -> 
 def methods(model: nn.Module, names: set[str] | None = None) -> list[Method]:
     """The methods compared on ``model`` (all of :data:`METHODS`, or those in ``names``)."""
     out = [Method("fp32", model.init, model.apply, "unmodified Flax Linen model")]
-    for name, (rules, config) in QJAX_METHODS.items():
+    for name, (rules, config, product) in QJAX_METHODS.items():
         qmodel = qlinen.quantize_model(model, rules)
-        out.append(Method(name, qmodel.init, qmodel.apply, config, qmodel=qmodel))
+        apply = qmodel.apply if product is None else _with_product(qmodel.apply, product)
+        out.append(Method(name, qmodel.init, apply, config, qmodel=qmodel, product=product))
     qwix, why = qwix_status()
     if qwix is None:
         out += [Method("qwix_w4a8", not_measured=why), Method("qwix_w8a8", not_measured=why)]
@@ -263,12 +280,15 @@ def _jsonable(value):
     return str(value)
 
 
-def reported_paths(qmodel, variables, x) -> dict | None:
-    """``QuantizedModel.paths``: module -> the path its QAT contraction took ("int8 dot_general",
-    "fake-quant float", ...), when the installed qjax reports it; ``None`` otherwise (or for a peer)."""
+def reported_paths(qmodel, variables, x, product: str | None = None) -> dict | None:
+    """``QuantizedModel.paths``: module -> the path its QAT contraction took ("fused fake-quant float",
+    "int8 dot_general", "fake-quant float", ...), under ``qat_product(product)`` when given, if the
+    installed qjax reports it; ``None`` otherwise (or for a peer)."""
     paths = getattr(qmodel, "paths", None) if isinstance(qmodel, qlinen.QuantizedModel) else None
     if not callable(paths):
         return None
+    if product is not None:
+        paths = _with_product(paths, product)
     return {"source": "QuantizedModel.paths", "value": _jsonable(paths(variables, x))}
 
 
@@ -311,7 +331,7 @@ def prepare(method: Method, case: Case, x, labels, tx, reference: dict | None = 
         state[0], state[1], loss = compiled(state[0], state[1], variables, x, labels)
         jax.block_until_ready((state[0], loss))
 
-    paths = reported_paths(method.qmodel, {"params": params, **variables}, x)
+    paths = reported_paths(method.qmodel, {"params": params, **variables}, x, method.product)
     initial = {"params": params, **variables}
     return Prepared(method, run, compile_s, hlo_dots(compiled.as_text()), paths, initial,
                     shared_init=reference is not None and initial["params"] is reference["params"])
@@ -373,6 +393,7 @@ def environment() -> dict:
             "flax": flax.__version__, "optax": optax.__version__, "qjax": qjax.__version__,
             "qwix": getattr(qwix, "__version__", None) if qwix else None, "qwix_status": why or "ok",
             "python": platform.python_version(), "qjax_git": _git_state(),
+            "qjax_qat_product_default": current_product(),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
 
 

@@ -1,4 +1,5 @@
-"""The exact integer path of quantization-aware training: int8 x int8 -> int32 matmul, then the scales.
+"""The fused QAT matmul: ``fake_quant(x) . fake_quant(w)`` as one custom-VJP op, with an int8 x int8 -> int32
+product or a float product of the fake-quant values.
 
 For a weight quantized to integer codes ``c_w`` (up to 8 bits: int2..int8, ternary, binary) with scales
 ``s_w`` per tensor or per output channel, and an input quantized to integer codes ``c_x`` with a scale
@@ -10,12 +11,22 @@ and the integer sum is exact in int32, so computing it with an int8 ``dot_genera
 gives the float fake-quant result up to float rounding, faster where the platform multiplies int8 faster
 than float32 (Qwix's QAT does the same for int8). The backward is exactly that of the fake-quant path
 (``jax.vjp`` of ``fake_quant(x) @ fake_quant(w)``), surrogate gradients included.
+
+Which product (:func:`qat_product`, read at trace time): ``"int8"`` where int8 multiplies faster than float32
+(GPU and TPU: the default there), ``"float"`` (the default on CPU, where XLA's int8 dot is no faster than
+its float32 one on CPUs without VNNI/AMX): the same op with ``fake_quant(x) . fake_quant(w)`` in float32,
+which keeps the fake-quant values themselves for the backward instead of recomputing them from the codes
+(one pass fewer over each weight). Both give the fake-quant product up to float rounding and the same
+gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +36,32 @@ from qjax.granularity import PerChannel, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, fake_quant, quantize
 from qjax.scales import COMPUTED_RULES
+from qjax.trace_settings import holding
 
 INT_KINDS = ("int", "binary", "ternary")
+PRODUCTS = ("auto", "int8", "float")
+_PRODUCT = contextvars.ContextVar("qjax_qat_product", default="auto")
+
+
+@contextlib.contextmanager
+def qat_product(product: str) -> Iterator[str]:
+    """Within the block, the fused QAT matmul (:func:`qat_matmul`) multiplies with ``product``.
+
+    ``"auto"`` (default): ``"int8"`` on GPU and TPU, ``"float"`` elsewhere; ``"int8"``: int8 x int8 -> int32
+    ``dot_general``; ``"float"``: float32 product of the fake-quant values. Read at trace time (a function
+    already traced keeps its product). Nests; thread- and async-safe (a :class:`contextvars.ContextVar`).
+    """
+    with holding(_PRODUCT, product, PRODUCTS, "QAT product"):
+        yield product
+
+
+def current_product() -> str:
+    """``"int8"`` or ``"float"``: the product :func:`qat_matmul` takes here (``"auto"`` resolved by the
+    default backend: int8 on GPU/TPU, float on CPU)."""
+    product = _PRODUCT.get()
+    if product == "auto":
+        return "int8" if jax.default_backend() in ("gpu", "tpu") else "float"
+    return product
 
 
 def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict,
@@ -69,9 +104,12 @@ def _identity_backward(q: Quantizer) -> bool:
     return q.scale in COMPUTED_RULES and not q.is_sign and q.surrogate == "ste"
 
 
-def _residual(q: Quantizer, v, qa, scale, hparams):
-    """What the backward keeps of one operand: its codes (identity VJP) or the fake-quant VJP."""
-    return qa if _identity_backward(q) else _fake_quant_vjp(q, v, scale, hparams)
+def _residual(q: Quantizer, v, qa, value, scale, hparams):
+    """What the backward keeps of one operand: with the identity VJP its fake-quant ``value`` when the
+    product computed it (float product), else its codes; otherwise the fake-quant VJP."""
+    if not _identity_backward(q):
+        return _fake_quant_vjp(q, v, scale, hparams)
+    return qa if value is None else value
 
 
 def _value_and_vjp(res):
@@ -79,19 +117,40 @@ def _value_and_vjp(res):
     ``fake_quant(x)`` bit for bit, in ``x``'s dtype)."""
     if isinstance(res, QArray):
         return dequantize(res), lambda g: (g, None)
+    if isinstance(res, jax.Array):
+        return res, lambda g: (g, None)
     return res
+
+
+def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
+               x_scale: jax.Array | None = None, w_scale: jax.Array | None = None,
+               hparams: dict | None = None, contract: int = 1, product: str | None = None) -> jax.Array:
+    """``y = fake_quant(inputs, x) . fake_quant(weight, w)`` contracted over ``contract`` axes, as one op.
+
+    ``y[m, n] = s_x[m] s_w[n] sum_k c_x[m, k] c_w[k, n]`` (integer codes ``c``, scales ``s``), computed with
+    ``product``: ``"int8"`` (int8 x int8 -> int32 ``dot_general``, then the scales), ``"float"`` (float32
+    product of the fake-quant values) or ``None`` for :func:`current_product`. ``x``: ``(..., *K)``; ``w``:
+    ``(*K, *features)``; returns float32 ``(..., *features)``. Gradients are those of the fake-quant product
+    (surrogates included): Jacob et al., "Quantization and Training of Neural Networks for Efficient
+    Integer-Arithmetic-Only Inference", CVPR 2018, for the integer form. See the module docstring.
+    """
+    product = current_product() if product is None else product
+    if product not in PRODUCTS[1:]:
+        raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: int8, float")
+    return _qat_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract,
+                       product == "int8")
 
 
 def int8_qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
                     x_scale: jax.Array | None = None, w_scale: jax.Array | None = None,
                     hparams: dict | None = None, contract: int = 1) -> jax.Array:
-    """``fake_quant(inputs, x) . fake_quant(weight, w)`` contracted over ``contract`` axes, computed as an
-    int8 x int8 -> int32 matmul.
+    """:func:`qat_matmul` with the int8 x int8 -> int32 product, on every platform."""
+    return qat_matmul(x, w, weight, inputs, x_scale, w_scale, hparams, contract, "int8")
 
-    ``x``: ``(..., *K)``; ``w``: ``(*K, *features)``; returns float32 ``(..., *features)``. Gradients are
-    those of the fake-quant product. See the module docstring.
-    """
-    return _int8_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract)
+
+def _float_product(xq, wq, contract):
+    """``fake_quant(x) . fake_quant(w)`` in float32 (the fake-quant path's own product)."""
+    return jnp.tensordot(xq.astype(jnp.float32), wq.astype(jnp.float32), axes=contract)
 
 
 def _int8_product(qx, qw, x_shape, w_shape, contract):
@@ -105,24 +164,27 @@ def _int8_product(qx, qw, x_shape, w_shape, contract):
     return (acc.astype(jnp.float32) * sx * sw).reshape(*lead, *w_shape[contract:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _int8_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract):
-    qx = quantize(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
-    qw = quantize(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
-    return _int8_product(qx, qw, x.shape, w.shape, contract)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _qat_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer):
+    return _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer)[0]
 
 
-def _int8_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract):
+def _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer):
     qx = quantize(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
     qw = quantize(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
+    if integer:
+        xq = wq = None
+        y = _int8_product(qx, qw, x.shape, w.shape, contract)
+    else:
+        xq, wq = dequantize(qx), dequantize(qw)
+        y = _float_product(xq, wq, contract)
     # The backward needs the fake-quant values and the surrogate VJPs; take them once, here.
-    x_res = _residual(inputs, x, qx, x_scale, hparams)
-    w_res = _residual(weight, w, qw, w_scale, hparams)
-    y = _int8_product(qx, qw, x.shape, w.shape, contract)
+    x_res = _residual(inputs, x, qx, xq, x_scale, hparams)
+    w_res = _residual(weight, w, qw, wq, w_scale, hparams)
     return y, (x_res, w_res, hparams)
 
 
-def _int8_bwd(weight, inputs, contract, res, g):
+def _qat_bwd(weight, inputs, contract, integer, res, g):
     x_res, w_res, hparams = res
     xq, x_vjp = _value_and_vjp(x_res)
     wq, w_vjp = _value_and_vjp(w_res)
@@ -136,11 +198,11 @@ def _int8_bwd(weight, inputs, contract, res, g):
     return dx, dw, dsx, dsw, jax.tree_util.tree_map(jnp.zeros_like, hparams)
 
 
-_int8_matmul.defvjp(_int8_fwd, _int8_bwd)
+_qat_matmul.defvjp(_qat_fwd, _qat_bwd)
 
 
 def _fake_quant_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract=1):
-    """The float reference the int8 path equals: ``fake_quant(x) . fake_quant(w)`` over ``contract`` axes."""
+    """The reference the fused op equals: ``fake_quant(x) . fake_quant(w)`` over ``contract`` axes."""
     xq = fake_quant(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
     wq = fake_quant(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
-    return jnp.tensordot(xq.astype(jnp.float32), wq.astype(jnp.float32), axes=contract)
+    return _float_product(xq, wq, contract)

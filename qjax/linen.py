@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import qat
-from qjax.int_matmul import int8_qat_matmul, integer_eligible
+from qjax.int_matmul import current_product, integer_eligible, qat_matmul
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
 from qjax.rules import Rule, check_rules, format_table
@@ -227,7 +227,7 @@ class QuantizedModel:
         quant = variables.get("quant", {})
         params = variables["params"]
         for entry in table.values():
-            if execution_path(entry, params, hparams) == INT8:
+            if execution_path(entry, params, hparams) in FUSED_PATHS:
                 continue  # the interceptor quantizes this weight itself
             for name in entry.weights:
                 where = (*entry.path, name)
@@ -265,11 +265,12 @@ class QuantizedModel:
             rule = entry.rule if entry else None
             path = execution_path(entry, params, hparams) if entry is not None else FLOAT
             input_scale = get_path(quant, (*entry.path, INPUT_KEY)) if entry is not None else None
-            if path == INT8:
+            if path in FUSED_PATHS:
                 w = get_path(params, (*entry.path, entry.weights[0]))
                 w_scale = get_path(quant, (*entry.path, entry.weights[0]))
-                return _dense_like_call(context.module, args[0], lambda x: int8_qat_matmul(
-                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams, entry.contract))
+                product = "int8" if path == INT8 else "float"
+                return _dense_like_call(context.module, args[0], lambda x: qat_matmul(
+                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams, entry.contract, product))
             if rule is not None and rule.input is not None and args:
                 args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
             active.append(rule.activations if rule is not None else None)
@@ -329,14 +330,17 @@ def _dense_like_call(module: nn.Module, x: jax.Array, matmul) -> jax.Array:
     return y
 
 
-FLOAT, FAKE_QUANT, INT8, PACKED, DEQUANTIZED = (
-    "float", "fake-quant float", "int8 dot_general", "packed matmul", "dequantized float")
+FLOAT, FAKE_QUANT, INT8, FUSED_FLOAT, PACKED, DEQUANTIZED = (
+    "float", "fake-quant float", "int8 dot_general", "fused fake-quant float", "packed matmul",
+    "dequantized float")
+FUSED_PATHS = (INT8, FUSED_FLOAT)  # one custom-VJP op for the quantized contraction (qjax.int_matmul)
 
 
 def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) -> str:
-    """How a module's contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` (QAT with
-    integer codes, :mod:`qjax.int_matmul`), ``fake-quant float``, ``packed matmul`` (frozen, integer codes)
-    or ``dequantized float`` (frozen, other formats or layouts)."""
+    """How a module's contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` or ``fused
+    fake-quant float`` (QAT with integer codes as one custom-VJP op, :func:`qjax.int_matmul.qat_matmul`,
+    its product chosen by :func:`qjax.int_matmul.qat_product`), ``fake-quant float``, ``packed matmul``
+    (frozen, integer codes) or ``dequantized float`` (frozen, other formats or layouts)."""
     if entry is None or not entry.weights:
         return FLOAT
     w = get_path(params, (*entry.path, entry.weights[0]))
@@ -344,7 +348,7 @@ def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) ->
         return PACKED if _runs_packed(entry, w) else DEQUANTIZED
     if entry.contract and len(entry.weights) == 1 and integer_eligible(
             entry.rule.weight, entry.rule.input, hparams, jnp.ndim(w), entry.contract):
-        return INT8
+        return INT8 if current_product() == "int8" else FUSED_FLOAT
     return FAKE_QUANT
 
 

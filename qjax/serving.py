@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from qjax.granularity import PerChannel, PerGroup, PerTensor
 from qjax.qarray import QArray
+from qjax.trace_settings import holding
 
 _BACKEND = contextvars.ContextVar("qjax_kernel_backend", default="auto")
 
@@ -39,13 +40,8 @@ def kernel_backend(backend: str) -> Iterator[str]:
     """
     from kernels_pallas import BACKENDS
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    token = _BACKEND.set(backend)
-    try:
+    with holding(_BACKEND, backend, BACKENDS, "kernel backend"):
         yield backend
-    finally:
-        _BACKEND.reset(token)
 
 
 def current_backend() -> str:

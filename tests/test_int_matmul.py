@@ -1,4 +1,5 @@
-"""The exact integer QAT path: int8 x int8 -> int32 equals the fake-quant product up to float rounding."""
+"""The fused QAT matmul: its int8 x int8 -> int32 product and its float product both equal the fake-quant
+product up to float rounding, with the same gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,14 @@ import numpy as np
 import pytest
 
 from qjax import PerChannel, PerGroup, PerTensor, PerToken, Quantizer
-from qjax.int_matmul import _fake_quant_matmul, int8_qat_matmul, integer_eligible
+from qjax.int_matmul import (
+    _fake_quant_matmul,
+    current_product,
+    int8_qat_matmul,
+    integer_eligible,
+    qat_matmul,
+    qat_product,
+)
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 64))
 W = jax.random.normal(jax.random.key(1), (64, 4, 6)) * 0.1
@@ -21,26 +29,32 @@ ELIGIBLE = [
 ]
 
 
+@pytest.mark.parametrize("product", ["int8", "float"])
 @pytest.mark.parametrize("weight,inputs", ELIGIBLE, ids=lambda q: f"{q.format}")
-def test_equals_fake_quant_product_and_gradients(weight, inputs):
+def test_equals_fake_quant_product_and_gradients(weight, inputs, product):
     assert integer_eligible(weight, inputs, {}, W.ndim, 1)
-    y = jax.jit(lambda x, w: int8_qat_matmul(x, w, weight, inputs))(X, W)
+    y = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs, product=product))(X, W)
     ref = _fake_quant_matmul(X, W, None, None, {}, weight, inputs)
     assert y.shape == (2, 5, 4, 6)
+    if product == "float":  # the same float32 product of the same fake-quant values
+        np.testing.assert_array_equal(y, ref)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
     loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
-    g = jax.grad(loss(lambda x, w: int8_qat_matmul(x, w, weight, inputs, hparams={"o": 2.0})), (0, 1))(X, W)
+    g = jax.grad(loss(lambda x, w: qat_matmul(x, w, weight, inputs, hparams={"o": 2.0}, product=product)),
+                 (0, 1))(X, W)
     g_ref = jax.grad(loss(lambda x, w: _fake_quant_matmul(x, w, None, None, {"o": 2.0}, weight, inputs)),
                      (0, 1))(X, W)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
-def test_learned_scales_get_gradients():
+@pytest.mark.parametrize("product", ["int8", "float"])
+def test_learned_scales_get_gradients(product):
     weight = Quantizer("int4", PerChannel(-1), "learned")
     inputs = Quantizer("int8", PerTensor(), "learned")
     ws, xs = jnp.full((1, 1, 6), 0.05), jnp.full((1, 1, 1), 0.03)
-    g = jax.grad(lambda a, b: jnp.sum(int8_qat_matmul(X, W, weight, inputs, b, a) ** 2), (0, 1))(ws, xs)
+    g = jax.grad(lambda a, b: jnp.sum(qat_matmul(X, W, weight, inputs, b, a, product=product) ** 2),
+                 (0, 1))(ws, xs)
     ref = lambda a, b: jnp.sum(_fake_quant_matmul(X, W, b, a, {}, weight, inputs) ** 2)
     g_ref = jax.grad(ref, (0, 1))(ws, xs)
     for a, b in zip(g, g_ref, strict=True):
@@ -75,3 +89,29 @@ def test_two_contracting_axes_like_attention_out():
     g = jax.grad(lambda w: jnp.sum(int8_qat_matmul(x, w, weight, inputs, contract=2) ** 2))(w)
     g_ref = jax.grad(lambda w: jnp.sum(_fake_quant_matmul(x, w, None, None, {}, weight, inputs, 2) ** 2))(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_product_context_and_default():
+    # On CPU the default product is the float one (XLA's int8 dot is no faster there); GPU/TPU take int8.
+    assert current_product() == ("int8" if jax.default_backend() in ("gpu", "tpu") else "float")
+    weight, inputs = ELIGIBLE[0]
+    with qat_product("int8"):
+        assert current_product() == "int8"
+        with qat_product("float"):
+            assert current_product() == "float"
+            hlo = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs)).lower(X, W).as_text()
+            assert "i8>" not in hlo.split("dot_general")[1].split("\n")[0]
+        assert current_product() == "int8"
+        hlo = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs)).lower(X, W).as_text()
+        assert "i8>, tensor<" in hlo.split("dot_general")[1].split("\n")[0]
+    # int8_qat_matmul always takes the integer product
+    np.testing.assert_array_equal(int8_qat_matmul(X, W, weight, inputs),
+                                  qat_matmul(X, W, weight, inputs, product="int8"))
+
+
+def test_bad_product_names_the_value():
+    with pytest.raises(ValueError, match=r"'int4'.*allowed: auto, int8, float"):
+        with qat_product("int4"):
+            pass
+    with pytest.raises(ValueError, match=r"'auto'.*allowed: int8, float"):
+        qat_matmul(X, W, *ELIGIBLE[0], product="auto")

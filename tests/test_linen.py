@@ -9,6 +9,7 @@ import pytest
 
 from qjax import PerChannel, PerGroup, PerToken, QArray, Quantizer, fake_quant, quantize
 from qjax import linen as ql
+from qjax.int_matmul import qat_product
 from qjax.rules import Rule
 from tests.flax_models import ResNet, Transformer
 
@@ -112,7 +113,12 @@ def test_enabled_zero_is_the_float_model():
     np.testing.assert_array_equal(off, MLP().apply(variables, X))
     on = qmodel.apply(variables, X, hparams={"enabled": 1.0})  # the fake-quant float path
     assert qmodel.paths(variables, X, hparams={"enabled": 1.0})["Dense_0"] == ql.FAKE_QUANT
-    assert qmodel.paths(variables, X)["Dense_0"] == ql.INT8
+    assert qmodel.paths(variables, X)["Dense_0"] in ql.FUSED_PATHS
+    with qat_product("int8"):
+        assert qmodel.paths(variables, X)["Dense_0"] == ql.INT8
+        np.testing.assert_allclose(on, qmodel.apply(variables, X), rtol=1e-5, atol=1e-6)
+    with qat_product("float"):
+        assert qmodel.paths(variables, X)["Dense_0"] == ql.FUSED_FLOAT
     np.testing.assert_allclose(on, qmodel.apply(variables, X), rtol=1e-5, atol=1e-6)
 
 
@@ -240,7 +246,7 @@ def test_execution_paths_for_attention_projections():
     qmodel = ql.quantize_model(Transformer(), rules)
     variables = qmodel.init(jax.random.key(0), tokens)
     paths = qmodel.paths(variables, tokens)
-    assert paths["block_0/attention/query"] == ql.INT8 and paths["block_0/attention/out"] == ql.INT8
+    assert {paths["block_0/attention/query"], paths["block_0/attention/out"]} <= set(ql.FUSED_PATHS)
     assert qmodel.paths(variables, tokens, hparams={"enabled": 1.0})["block_0/attention/out"] == ql.FAKE_QUANT
     fast = qmodel.apply(variables, tokens)
     slow = qmodel.apply(variables, tokens, hparams={"enabled": 1.0})

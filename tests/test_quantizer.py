@@ -291,3 +291,21 @@ def test_nan_in_a_flat_block_is_not_encoded_as_a_number():
     qa = quantize(Quantizer("dynamic", PerBlock(256)), x)
     assert bool(jnp.isnan(qa.scale[0, 0])) and not bool(jnp.any(jnp.isnan(qa.scale[1:])))
     assert bool(jnp.isnan(dequantize(qa)[0, 0]))
+
+
+@pytest.mark.parametrize("rule", ["absmax", "minmax"])
+def test_group_marks_are_exact_for_nan_inf_and_huge_finite_values(rule):
+    """A group is marked (NaN scale) iff it holds a NaN or an Inf, wherever it sits in the group; huge
+    finite values of both signs (whose plain sum would overflow to inf - inf = NaN) are not marked."""
+    q = Quantizer("int8" if rule == "absmax" else "uint8", PerChannel(-1), rule)
+    x = np.array(jax.random.normal(jax.random.key(3), (64, 9)), np.float32)
+    x[0, 0], x[31, 1], x[63, 2] = np.nan, np.nan, np.nan  # first, middle, last row of a column
+    x[:, 3] = np.nan
+    x[10, 4], x[20, 5] = np.inf, -np.inf
+    x[::2, 6], x[1::2, 6] = 1.5e38, -1.5e38  # finite (max - min too); a plain sum overflows both ways
+    x[:, 7] = 0.0
+    y = jax.jit(lambda v: fake_quant(q, v))(jnp.asarray(x))
+    marked = np.asarray(jnp.all(jnp.isnan(y), axis=0))
+    np.testing.assert_array_equal(marked, [True] * 6 + [False] * 3)
+    assert not bool(jnp.any(jnp.isnan(y[:, 6:])))
+    np.testing.assert_array_equal(np.asarray(y[:, 7]), 0.0)

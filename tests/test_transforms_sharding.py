@@ -1,4 +1,5 @@
-"""The Linen and NNX transforms (QAT, int8 path, frozen) under SPMD sharding on 8 simulated CPU devices."""
+"""The Linen and NNX transforms (QAT with both products of the fused matmul, frozen) under SPMD sharding on 8
+simulated CPU devices."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qjax import PerChannel, PerToken, Quantizer, Rule, linen as ql, nnx as qn
+from qjax.int_matmul import qat_product
 
 mesh = Mesh(np.array(jax.devices()), ("d",))
 rows = NamedSharding(mesh, P("d", None))
@@ -35,13 +37,16 @@ ref_y, ref_g = jax.jit(qmodel.apply)(variables, x), jax.jit(jax.grad(loss))(vari
 sharded_vars = jax.tree_util.tree_map(
     lambda a: jax.device_put(a, cols if a.ndim == 2 and a.shape[1] % 8 == 0 else NamedSharding(mesh, P())),
     variables)
-y = jax.jit(qmodel.apply)(sharded_vars, jax.device_put(x, rows))
-g = jax.jit(jax.grad(loss))(sharded_vars, jax.device_put(x, rows))
-out["linen_paths"] = sorted(set(qmodel.paths(variables, x).values()))
-out["linen_y"] = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
-out["linen_grad"] = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-                        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g)))
-out["linen_y_sharded"] = len(y.sharding.device_set)
+for product in ("int8", "float"):
+    with qat_product(product):
+        y = jax.jit(qmodel.apply)(sharded_vars, jax.device_put(x, rows))
+        g = jax.jit(jax.grad(loss))(sharded_vars, jax.device_put(x, rows))
+        out[f"linen_paths_{product}"] = sorted(set(qmodel.paths(variables, x).values()))
+    out[f"linen_y_{product}"] = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
+    out[f"linen_grad_{product}"] = max(
+        float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g)))
+    out[f"linen_y_sharded_{product}"] = len(y.sharding.device_set)
 frozen = ql.freeze(qmodel, variables, x)
 fy = jax.jit(qmodel.apply)(frozen, jax.device_put(x, rows))
 out["linen_frozen"] = float(jnp.max(jnp.abs(fy - ref_y)) / jnp.max(jnp.abs(ref_y)))
@@ -77,11 +82,13 @@ def test_eight_devices(results):
     assert results["devices"] == 8
 
 
-@pytest.mark.parametrize("key", ["linen_y", "linen_grad", "linen_frozen", "nnx_y", "nnx_frozen"])
+@pytest.mark.parametrize("key", ["linen_y_int8", "linen_grad_int8", "linen_y_float", "linen_grad_float",
+                                 "linen_frozen", "nnx_y", "nnx_frozen"])
 def test_sharded_matches_single_device(results, key):
     assert results[key] < 1e-5, results
 
 
-def test_int8_path_taken_and_output_stays_sharded(results):
-    assert results["linen_paths"] == ["int8 dot_general"]
-    assert results["linen_y_sharded"] == 8
+@pytest.mark.parametrize("product,path", [("int8", "int8 dot_general"), ("float", "fused fake-quant float")])
+def test_fused_path_taken_and_output_stays_sharded(results, product, path):
+    assert results[f"linen_paths_{product}"] == [path]
+    assert results[f"linen_y_sharded_{product}"] == 8

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_run_writes_json(tmp_path):
     out = tmp_path / "qat_overhead.json"
-    methods = "fp32,qjax_w4a8,qjax_w1a1,qwix_w4a8,qwix_w1a1"
+    methods = "fp32,qjax_w4a8,qjax_w1a1,qwix_w4a8,qwix_w1a1,qjax_w4a8_int8"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.qat_overhead", "--quick", "--models", "mlp",
                            "--methods", methods, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -32,11 +32,17 @@ def test_quick_run_writes_json(tmp_path):
     assert env["jax"] == jax.__version__ and env["device"].startswith("cpu")
     rows = result["models"]["mlp"]["methods"]
     assert list(rows) == methods.split(",")
-    for name in ("fp32", "qjax_w4a8", "qjax_w1a1"):
+    for name in ("fp32", "qjax_w4a8", "qjax_w1a1", "qjax_w4a8_int8"):
         row = rows[name]
         assert row["measured"] and row["median_ms"] > 0 and row["steps"] == 4
         assert row["hlo_dots"] and all(n > 0 for n in row["hlo_dots"].values())
     assert rows["fp32"]["ratio_vs_fp32"] == 1.0
+    # CPU default: the float product of the fake-quant values; the forced int8 product runs int8 dots.
+    assert env["qjax_qat_product_default"] == "float"
+    assert set(rows["qjax_w4a8"]["qjax_reported_paths"]["value"].values()) == {"fused fake-quant float"}
+    assert set(rows["qjax_w4a8_int8"]["qjax_reported_paths"]["value"].values()) == {"int8 dot_general"}
+    assert "s8,s8->s32" in rows["qjax_w4a8_int8"]["hlo_dots"]
+    assert "s8,s8->s32" not in rows["qjax_w4a8"]["hlo_dots"]
     assert rows["qwix_w1a1"] == {"measured": False, "not_measured": rows["qwix_w1a1"]["not_measured"]}
     if bench.qwix_status()[0] is None:
         assert not rows["qwix_w4a8"]["measured"] and "qwix" in rows["qwix_w4a8"]["not_measured"]
