@@ -17,7 +17,9 @@ Which product (:func:`qat_product`, read at trace time): ``"int8"`` where int8 m
 its float32 one on CPUs without VNNI/AMX): the same op with ``fake_quant(x) . fake_quant(w)`` in float32,
 which keeps the fake-quant values themselves for the backward instead of recomputing them from the codes
 (one pass fewer over each weight). Both give the fake-quant product up to float rounding and the same
-gradients.
+gradients. Non-finite operands: the int8 product marks a group holding a NaN or Inf through its scale, as
+:func:`qjax.quantize` does (integer codes cannot hold a NaN); the float product marks Inf the same way but
+lets a NaN element through by itself (one reduction fewer per operand), which makes the same outputs NaN.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from qjax import qat
 from qjax.granularity import PerChannel, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, fake_quant, quantize
-from qjax.scales import COMPUTED_RULES
+from qjax.scales import COMPUTED_RULES, compute_scale
 from qjax.trace_settings import holding
 
 INT_KINDS = ("int", "binary", "ternary")
@@ -104,6 +106,21 @@ def _identity_backward(q: Quantizer) -> bool:
     return q.scale in COMPUTED_RULES and not q.is_sign and q.surrogate == "ste"
 
 
+def _float_fake_quant(q: Quantizer, x: jax.Array) -> jax.Array:
+    """``fake_quant(q, x)`` of an identity-VJP quantizer (:func:`_identity_backward`) for the float product:
+    ``clip(round(x / s), lo, hi) * s``, the same bits as ``fake_quant`` wherever ``x``'s group is free of
+    NaN. A NaN element stays NaN by itself instead of marking its whole group through the scale (one
+    reduction fewer per operand; Inf still marks its group), so the product's outputs are NaN exactly
+    where the group-marked product's are: a NaN term reaches every output its group's values feed.
+    """
+    gran = q.granularity.resolve(x.shape)
+    xb = gran.to_blocks(x)
+    s, _ = compute_scale(q.scale, q.fmt, jax.lax.stop_gradient(xb), gran.reduce_axes(xb.ndim), q.eps,
+                         mark_nan=False)
+    value = jnp.clip(jnp.round(xb.astype(jnp.float32) / s), q.fmt.lo, q.fmt.hi) * s
+    return gran.from_blocks(value.astype(x.dtype), x.shape)
+
+
 def _residual(q: Quantizer, v, qa, value, scale, hparams):
     """What the backward keeps of one operand: with the identity VJP its fake-quant ``value`` when the
     product computed it (float product), else its codes; otherwise the fake-quant VJP."""
@@ -170,18 +187,26 @@ def _qat_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integ
 
 
 def _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer):
-    qx = quantize(inputs, x, scale=x_scale, **qat.surrogate_kwargs(inputs, hparams))
-    qw = quantize(weight, w, scale=w_scale, **qat.surrogate_kwargs(weight, hparams))
+    qx = _quantize_operand(inputs, x, x_scale, hparams, integer)
+    qw = _quantize_operand(weight, w, w_scale, hparams, integer)
     if integer:
         xq = wq = None
         y = _int8_product(qx, qw, x.shape, w.shape, contract)
     else:
-        xq, wq = dequantize(qx), dequantize(qw)
+        xq, wq = (q if isinstance(q, jax.Array) else dequantize(q) for q in (qx, qw))
         y = _float_product(xq, wq, contract)
     # The backward needs the fake-quant values and the surrogate VJPs; take them once, here.
     x_res = _residual(inputs, x, qx, xq, x_scale, hparams)
     w_res = _residual(weight, w, qw, wq, w_scale, hparams)
     return y, (x_res, w_res, hparams)
+
+
+def _quantize_operand(q: Quantizer, v, scale, hparams, integer: bool):
+    """The operand's QArray (int8 product; a quantizer whose VJP is not the identity), else its float
+    fake-quant value (:func:`_float_fake_quant`)."""
+    if integer or not _identity_backward(q) or scale is not None:
+        return quantize(q, v, scale=scale, **qat.surrogate_kwargs(q, hparams))
+    return _float_fake_quant(q, v)
 
 
 def _qat_bwd(weight, inputs, contract, integer, res, g):

@@ -31,8 +31,13 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
-                  eps: float = 0.0) -> tuple[jax.Array, jax.Array | None]:
-    """Scale (and zero point for ``minmax``, else ``None``) of ``xb`` reduced over ``axes``."""
+                  eps: float = 0.0, mark_nan: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """Scale (and zero point for ``minmax``, else ``None``) of ``xb`` reduced over ``axes``.
+
+    A group holding a NaN or Inf gets a NaN scale. ``mark_nan=False`` (max-based rules) drops the NaN
+    test, one reduction: only for callers whose values carry a NaN element through on their own (a float
+    fake-quant value, never integer codes); an Inf is still marked.
+    """
     if rule not in INIT_RULES:
         raise ValueError(f"unknown scale rule {rule!r}; allowed: {', '.join(INIT_RULES)}")
     x = xb.astype(jnp.float32)
@@ -46,7 +51,7 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
     # ``where(finite, |x|, inf)`` cost 1.4x as much per QAT step. The median needs an explicit mark.
     if rule == "absmax":
         top = jnp.max(a, axes, keepdims=True)
-        bad = jnp.isinf(top) | _holds_nan(x, axes)
+        bad = jnp.isinf(top) | _holds_nan(x, axes) if mark_nan else jnp.isinf(top)
         scale = jnp.maximum(top, eps) / fmt.max_abs
     elif rule in ("mean_abs", "lsq_init"):
         mean = jnp.mean(a, axes, keepdims=True)
@@ -59,7 +64,8 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
     else:
         lo = jnp.min(x, axes, keepdims=True)
         hi = jnp.max(x, axes, keepdims=True)
-        bad = jnp.isinf(lo) | jnp.isinf(hi) | _holds_nan(x, axes)
+        bad = jnp.isinf(lo) | jnp.isinf(hi)
+        bad = bad | _holds_nan(x, axes) if mark_nan else bad
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), _TINY)
         zero_point = fmt.lo - jnp.round(lo / scale)

@@ -115,3 +115,28 @@ def test_bad_product_names_the_value():
             pass
     with pytest.raises(ValueError, match=r"'auto'.*allowed: int8, float"):
         qat_matmul(X, W, *ELIGIBLE[0], product="auto")
+
+
+@pytest.mark.parametrize("product", ["int8", "float"])
+@pytest.mark.parametrize("where", ["w-nan", "w-inf", "x-nan", "x-neg-inf"])
+def test_non_finite_operands_give_the_reference_nan_outputs(product, where):
+    """A NaN or Inf in an operand makes exactly the outputs NaN that the group-marked fake-quant product
+    makes NaN (the float product lets a NaN element through by itself rather than marking its group);
+    every other output is unchanged."""
+    weight, inputs = Quantizer("int4", PerChannel(-1)), Quantizer("int8", PerToken(-1))
+    x, w = X[0], W[:, 0, :]  # (5, 64) x (64, 6)
+    if where == "w-nan":
+        w = w.at[7, 2].set(jnp.nan)
+    elif where == "w-inf":
+        w = w.at[9, 4].set(jnp.inf)
+    elif where == "x-nan":
+        x = x.at[3, 11].set(jnp.nan)
+    else:
+        x = x.at[1, 0].set(-jnp.inf)
+    y = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs, product=product))(x, w)
+    ref = _fake_quant_matmul(x, w, None, None, {}, weight, inputs)
+    assert bool(jnp.any(jnp.isnan(ref)))
+    np.testing.assert_array_equal(jnp.isnan(y), jnp.isnan(ref))
+    finite = ~jnp.isnan(ref)
+    scale = float(jnp.max(jnp.abs(ref[finite])))
+    np.testing.assert_allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5 * scale)
