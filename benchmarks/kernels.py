@@ -34,10 +34,14 @@ import jax
 import jax.numpy as jnp
 
 import kernels_pallas as kp
+from benchmarks.machine import cpu_name
 from qjax import packing
 
 WEIGHT_ONLY = {"int8": (8, None), "int4": (4, None), "int4_g128": (4, 128), "int2": (2, None),
                "binary": (1, None)}  # name -> (bits, group_size)
+_DOT = jax.jit(jnp.dot)
+_PACKED = jax.jit(kp.packed_matmul, static_argnames=("bits", "group_size", "backend"))
+_W8A8 = jax.jit(kp.int8_matmul, static_argnames=("backend",))
 GOALS = {"int4": 3.5, "int8": 1.8, "binary": 8.0}  # speedup over bf16 at M <= 16 (issue 5)
 PEAKS = {  # device_kind substring -> (HBM GB/s, dense bf16 TFLOP/s), vendor datasheets
     "H200": (4800.0, 989.0), "H100": (3350.0, 989.0), "A100": (2039.0, 312.0), "L4": (300.0, 121.0),
@@ -88,12 +92,11 @@ def cpu_section(sizes: list[int], ms: list[int], rounds: int, reps: int) -> list
             x = jax.random.normal(jax.random.fold_in(key, m), (m, size), jnp.float32)
             x8 = jax.random.randint(key, (m, size), -127, 128, jnp.int8)
             x8_scales = jnp.full((m, 1), 0.01, jnp.float32)
-            calls = {"f32_dot": functools.partial(jax.jit(jnp.dot), x, w32)}
+            calls = {"f32_dot": functools.partial(_DOT, x, w32)}
             for name, (bits, group) in WEIGHT_ONLY.items():
-                f = jax.jit(functools.partial(kp.packed_matmul, bits=bits, group_size=group, backend="xla"))
-                calls[name] = functools.partial(f, x, *weights[name])
-            w8a8 = jax.jit(functools.partial(kp.int8_matmul, backend="xla"))
-            calls["w8a8"] = functools.partial(w8a8, x8, x8_scales, w8, w8_scales)
+                calls[name] = functools.partial(_PACKED, x, *weights[name], bits=bits, group_size=group,
+                                                backend="xla")
+            calls["w8a8"] = functools.partial(_W8A8, x8, x8_scales, w8, w8_scales, backend="xla")
             seconds = time_interleaved(calls, rounds, reps)
             for name, sec in seconds.items():
                 weight_bytes = w32.nbytes if name == "f32_dot" else read[name]
@@ -110,8 +113,8 @@ def accelerator_section(sizes: list[int], ms: list[int], rounds: int, reps: int,
 
     Runs only on a GPU or TPU, unless called with ``backend="interpret"`` (a check that this code runs,
     not a measurement)."""
-    where = jax.default_backend()
-    if backend == "pallas" and where not in ("gpu", "cuda", "rocm", "tpu"):
+    where = kp.backends.platform()
+    if backend == "pallas" and where not in kp.backends.KERNEL_PLATFORMS:
         return {"measured": False, "not_measured": f"no GPU lent to this session (platform {where!r})"}
     kind = jax.devices()[0].device_kind
     peak = next((v for name, v in PEAKS.items() if name.lower() in kind.lower()), None)
@@ -119,13 +122,15 @@ def accelerator_section(sizes: list[int], ms: list[int], rounds: int, reps: int,
     for size in sizes:
         key = jax.random.key(size)
         w16 = (jax.random.normal(key, (size, size), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        weights = {name: packed_weight(jax.random.fold_in(key, bits), bits, size, size, group)
+                   for name, (bits, group) in WEIGHT_ONLY.items()}
         for m in ms:
             x = jax.random.normal(jax.random.fold_in(key, m), (m, size), jnp.bfloat16)
-            calls, read = {"bf16_dot": functools.partial(jax.jit(jnp.dot), x, w16)}, {"bf16_dot": w16.nbytes}
+            calls, read = {"bf16_dot": functools.partial(_DOT, x, w16)}, {"bf16_dot": w16.nbytes}
             for name, (bits, group) in WEIGHT_ONLY.items():
-                words, scales = packed_weight(jax.random.fold_in(key, bits), bits, size, size, group)
-                f = jax.jit(functools.partial(kp.packed_matmul, bits=bits, group_size=group, backend=backend))
-                calls[name] = functools.partial(f, x, words, scales)
+                words, scales = weights[name]
+                calls[name] = functools.partial(_PACKED, x, words, scales, bits=bits, group_size=group,
+                                                backend=backend)
                 read[name] = words.nbytes + scales.nbytes
             seconds = time_interleaved(calls, rounds, reps)
             for name, sec in seconds.items():
@@ -147,12 +152,8 @@ def accelerator_section(sizes: list[int], ms: list[int], rounds: int, reps: int,
 
 
 def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     dev = jax.devices()[0]
-    return {"device": f"{dev.platform}: {dev.device_kind}", "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"device": f"{dev.platform}: {dev.device_kind}", "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "python": platform.python_version(),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
 

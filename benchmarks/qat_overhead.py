@@ -34,7 +34,6 @@ Each method also records which dot products its compiled step runs (operand and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -55,6 +54,7 @@ import jax.numpy as jnp
 import optax
 
 import qjax
+from benchmarks.machine import cpu_name
 from qjax import PerChannel, PerToken, Quantizer, Rule
 from qjax import linen as qlinen
 from qjax.int_matmul import current_product, qat_product
@@ -384,11 +384,8 @@ def time_case(case: Case, warmup: int, rounds: int, steps_per_round: int, names:
 
 def environment() -> dict:
     qwix, why = qwix_status()
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # not Linux: platform.processor()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     dev = jax.devices()[0]
-    return {"device": f"{dev.platform}: {dev.device_kind}", "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"device": f"{dev.platform}: {dev.device_kind}", "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "jaxlib": _version("jaxlib"),
             "flax": flax.__version__, "optax": optax.__version__, "qjax": qjax.__version__,
             "qwix": getattr(qwix, "__version__", None) if qwix else None, "qwix_status": why or "ok",

@@ -125,11 +125,15 @@ def token_states(outputs, batch) -> jax.Array:
     return outputs[0] * batch["attention_mask"][..., None].astype(outputs[0].dtype)
 
 
-def embeddings(qmodel, variables, eval_batches) -> np.ndarray:
-    """The normalized sentence embeddings of every evaluation sentence (one compilation per model)."""
-    if not hasattr(qmodel, "_ptq_embed"):
-        qmodel._ptq_embed = jax.jit(lambda v, b: embed(qmodel.apply(v, **b, **APPLY_KWARGS), b))
-    return np.concatenate([np.asarray(qmodel._ptq_embed(variables, b)) for b in eval_batches])
+def embed_fn(qmodel):
+    """``qmodel``'s jitted sentence-embedding forward ``(variables, batch) -> embeddings``; build it once
+    per model and pass it to :func:`embeddings` (one compilation per model)."""
+    return jax.jit(lambda v, b: embed(qmodel.apply(v, **b, **APPLY_KWARGS), b))
+
+
+def embeddings(fn, variables, eval_batches) -> np.ndarray:
+    """The normalized sentence embeddings of every evaluation sentence, with ``fn = embed_fn(qmodel)``."""
+    return np.concatenate([np.asarray(fn(variables, b)) for b in eval_batches])
 
 
 def compare(emb: np.ndarray, reference: np.ndarray) -> dict:
@@ -179,6 +183,7 @@ def run_setting(name, module, variables, calib, eval_batches, reference, args, p
     """Every method at one setting: rows of metrics."""
     rules = rules_for(SETTINGS[name], name)
     qmodel = quantize_model(module, rules)
+    qembed = embed_fn(qmodel)
     fine_tune = dict(teacher=variables, steps=args.steps, output_fn=token_states, apply_kwargs=APPLY_KWARGS,
                      progress=progress)
     rows, done = [], {}
@@ -208,11 +213,10 @@ def run_setting(name, module, variables, calib, eval_batches, reference, args, p
                                            v_learning_rate=args.v_lr, tau=args.tau, **fine_tune)
         jax.block_until_ready(frozen)
         seconds = done["gptq_time"] if method == "gptq" else time.perf_counter() - start
-        jax.block_until_ready(frozen)
         info = summary(qmodel, frozen, **calib[0], **APPLY_KWARGS)
         linear = sum(r.real_bytes for r in info.layers if r.rule != "-")
         row = {"setting": name, "method": method, "format": SETTINGS[name].format,
-               **compare(embeddings(qmodel, frozen, eval_batches), reference),
+               **compare(embeddings(qembed, frozen, eval_batches), reference),
                "model_bytes": info.real_bytes, "linear_bytes": linear, "time_s": seconds,
                "total_time_s": seconds + (done.get("gptq_time", 0.0) if method in ("ste", "pv") else 0.0)}
         if losses:
@@ -237,7 +241,7 @@ def ordering(rows: list[dict], setting: str) -> str | None:
     cos = {r["method"]: r["cosine"] for r in rows if r["setting"] == setting}
     if not all(m in cos for m in ("pv", "ste", "gptq", "rtn")):
         return None
-    ranked = " > ".join(m.upper() for m in sorted(cos, key=cos.get, reverse=True) if m != "fp32")
+    ranked = " > ".join(m.upper() for m in sorted(cos, key=cos.get, reverse=True))
     held = cos["pv"] > cos["ste"] > cos["gptq"] > cos["rtn"]
     return f"{setting}: {ranked} (the paper's PV > STE > GPTQ > RTN {'holds' if held else 'does NOT hold'})"
 
@@ -285,7 +289,7 @@ def main(argv=None) -> list[dict]:
     eval_batches = batches(tokenizer, texts[args.calibration:args.calibration + args.eval], args.batch_size,
                            args.max_length)
     fp32 = quantize_model(module, [], warn_unused=False)
-    reference = embeddings(fp32, variables, eval_batches)
+    reference = embeddings(embed_fn(fp32), variables, eval_batches)
     float_bytes = summary(fp32, variables, **calib[0], **APPLY_KWARGS).real_bytes
     linear_float = 4 * sum(int(np.prod(w.shape)) for path, w in
                            jax.tree_util.tree_flatten_with_path(variables["params"]["encoder"])[0]

@@ -37,20 +37,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels_pallas.backends import compiler_params, round_up, tile
+from qjax.packing import decode_fields
 
 BLOCK_M = 128
 BLOCK_N = 256
 BLOCK_K = 2048  # K rows per block: block_words = max(128, BLOCK_K // (32 // bits))
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # other activations run as float32
-
-
-def decode(stored: jax.Array, bits: int, signed: bool) -> jax.Array:
-    """The integer code of an unsigned ``bits``-bit field (int32 in, int32 out), inverse of the storage in
-    :func:`qjax.packing.pack`: signed ``bits >= 2`` is offset binary ``c = f - 2^(bits-1)``; signed 1-bit is
-    binary ``c = 2f - 1`` (``{0, 1} -> {-1, +1}``); unsigned codes are stored as they are."""
-    if not signed:
-        return stored
-    return 2 * stored - 1 if bits == 1 else stored - (1 << (bits - 1))
 
 
 def scale_table(values: jax.Array, *, planes: int, words: int, padded_words: int, block_words: int,
@@ -94,7 +86,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
         def plane(j, acc):  # unpack plane j in registers and multiply it by its slice of x
             x = x_ref[j, :, pl.ds(k0, block_words)]
             field = (words >> jnp.asarray(j * bits).astype(jnp.uint32)) & jnp.uint32(mask)
-            w = decode(field.astype(jnp.int32), bits, signed).astype(jnp.float32)
+            w = decode_fields(field.astype(jnp.int32), bits, signed).astype(jnp.float32)
             scale = rows(s_ref, j, kb)
             if z_ref is not None:
                 w = w - _repeat(rows(z_ref, j, kb), block_words)

@@ -42,6 +42,7 @@ from qjax.trace_settings import holding
 
 INT_KINDS = ("int", "binary", "ternary")
 PRODUCTS = ("auto", "int8", "float")
+_CONCRETE_PRODUCTS = ("int8", "float")
 _PRODUCT = contextvars.ContextVar("qjax_qat_product", default="auto")
 
 
@@ -101,8 +102,8 @@ def _fake_quant_vjp(q: Quantizer, x, scale, hparams):
 
 def _identity_backward(q: Quantizer) -> bool:
     """Whether ``fake_quant(q, .)`` has the identity VJP: a multi-level grid with a computed (detached)
-    scale and the plain straight-through estimator. Its backward then needs only the int8 codes and the
-    scales the forward made, not a float copy of the fake-quant value (4x fewer residual bytes)."""
+    scale and the plain straight-through estimator. Its backward then needs only the fake-quant value: the
+    float product keeps the value it multiplied, the int8 product its codes and scales (4x fewer bytes)."""
     return q.scale in COMPUTED_RULES and not q.is_sign and q.surrogate == "ste"
 
 
@@ -132,10 +133,8 @@ def _residual(q: Quantizer, v, qa, value, scale, hparams):
 def _value_and_vjp(res):
     """The fake-quant value and its VJP function from :func:`_residual` (``dequantize(quantize(x))`` is
     ``fake_quant(x)`` bit for bit, in ``x``'s dtype)."""
-    if isinstance(res, QArray):
-        return dequantize(res), lambda g: (g, None)
-    if isinstance(res, jax.Array):
-        return res, lambda g: (g, None)
+    if isinstance(res, QArray | jax.Array):  # identity VJP
+        return (dequantize(res) if isinstance(res, QArray) else res), lambda g: (g, None)
     return res
 
 
@@ -152,8 +151,8 @@ def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
     Integer-Arithmetic-Only Inference", CVPR 2018, for the integer form. See the module docstring.
     """
     product = current_product() if product is None else product
-    if product not in PRODUCTS[1:]:
-        raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: int8, float")
+    if product not in _CONCRETE_PRODUCTS:
+        raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: {', '.join(_CONCRETE_PRODUCTS)}")
     return _qat_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract,
                        product == "int8")
 

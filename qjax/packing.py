@@ -101,6 +101,15 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
     return jnp.moveaxis(packed, 0, axis)
 
 
+def decode_fields(stored: jax.Array, bits: int, signed: bool) -> jax.Array:
+    """The integer code of an unsigned ``bits``-bit field (int32 in, int32 out), inverse of the storage in
+    :func:`pack`: signed ``bits >= 2`` is offset binary ``c = f - 2^(bits-1)``; signed 1-bit is
+    binary ``c = 2f - 1`` (``{0, 1} -> {-1, +1}``); unsigned codes are stored as they are."""
+    if not signed:
+        return stored
+    return 2 * stored - 1 if bits == 1 else stored - (1 << (bits - 1))
+
+
 def unpack(words: jax.Array, bits: int, axis: int, size: int, signed: bool = True) -> jax.Array:
     """Inverse of :func:`pack`: uint32 ``words`` -> ``size`` codes along ``axis`` (int8 if ``signed``
     else uint8)."""
@@ -120,9 +129,7 @@ def unpack(words: jax.Array, bits: int, axis: int, size: int, signed: bool = Tru
     planes = (w[None] >> shifts) & jnp.uint32(2**bits - 1)
     values = planes.reshape(n * count, *w.shape[1:])[:size]
     if signed:
-        values = values.astype(jnp.int32)
-        values = 2 * values - 1 if bits == 1 else values - 2 ** (bits - 1)
-        values = values.astype(jnp.int8)
+        values = decode_fields(values.astype(jnp.int32), bits, signed).astype(jnp.int8)
     else:
         values = values.astype(jnp.uint8)
     return jnp.moveaxis(values, 0, axis)

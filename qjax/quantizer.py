@@ -38,10 +38,9 @@ from qjax import surrogates
 from qjax.formats import Format, get_format
 from qjax.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize, dequantize_blocks
-from qjax.scales import COMPUTED_RULES, INIT_RULES, SCALE_RULES, compute_scale, mark_nonfinite
+from qjax.scales import COMPUTED_RULES, INIT_RULES, SCALE_RULES, TINY, compute_scale, mark_nonfinite
 
 _GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
-_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 __all__ = ["Quantizer", "dequantize", "fake_quant", "init_scale", "quantize", "scale_shape"]
 
@@ -178,7 +177,7 @@ def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
         # A learned step is used by its magnitude, so a step that an optimizer pushes through zero (BiPer's
         # alpha under a large learning rate) keeps training and freezing: |s|, floored at the smallest normal.
         s = _caller_scale(q, x, scale, "scale", positive=False)
-        s = jnp.maximum(jnp.abs(s), _TINY)
+        s = jnp.maximum(jnp.abs(s), TINY)
     else:
         s = _caller_scale(q, x, scale, "scale")
     s = mark_nonfinite(s, jax.lax.stop_gradient(xb), axes)
@@ -193,7 +192,7 @@ def _residual_codes(q: Quantizer, xb, axes, given):
     for i in range(q.bases):
         codes.append(q.fmt.encode(residual))
         if given is None:
-            alpha = jnp.maximum(jnp.mean(jnp.abs(residual), axes, keepdims=True), max(q.eps, _TINY))
+            alpha = jnp.maximum(jnp.mean(jnp.abs(residual), axes, keepdims=True), max(q.eps, TINY))
             alpha = mark_nonfinite(alpha, xb, axes)
         else:
             alpha = given[i]

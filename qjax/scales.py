@@ -27,7 +27,8 @@ COMPUTED_RULES = ("absmax", "mean_abs", "median", "minmax")
 SCALE_RULES = (*COMPUTED_RULES, "given", "learned")
 INIT_RULES = (*COMPUTED_RULES, "lsq_init")
 
-_TINY = float(jnp.finfo(jnp.float32).tiny)
+TINY = float(jnp.finfo(jnp.float32).tiny)
+"""The smallest normal float32: the floor of every scale."""
 
 
 def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
@@ -59,7 +60,7 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
         lsq = jnp.maximum(2.0 * mean, eps) / fmt.max_abs**0.5
         scale = jnp.maximum(mean, eps) if rule == "mean_abs" else lsq
     elif rule == "median":
-        bad = jnp.any(~jnp.isfinite(x), axis=axes, keepdims=True)
+        bad = _holds_nonfinite(x, axes)
         scale = jnp.maximum(jnp.median(a, axes, keepdims=True), eps)
     else:
         lo = jnp.min(x, axes, keepdims=True)
@@ -67,9 +68,9 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
         bad = jnp.isinf(lo) | jnp.isinf(hi)
         bad = bad | _holds_nan(x, axes) if mark_nan else bad
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), _TINY)
+        scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), TINY)
         zero_point = fmt.lo - jnp.round(lo / scale)
-    scale = jnp.maximum(scale, _TINY)
+    scale = jnp.maximum(scale, TINY)
     return jnp.where(bad, jnp.nan, scale), zero_point
 
 
@@ -81,5 +82,9 @@ def _holds_nan(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 def mark_nonfinite(scale: jax.Array, xb: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """Set the scale of every group that holds a NaN or Inf to NaN."""
-    bad = jnp.any(~jnp.isfinite(xb), axis=axes, keepdims=True)
-    return jnp.where(bad, jnp.nan, scale)
+    return jnp.where(_holds_nonfinite(xb, axes), jnp.nan, scale)
+
+
+def _holds_nonfinite(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Per group: whether it holds a NaN or an Inf."""
+    return jnp.any(~jnp.isfinite(x), axis=axes, keepdims=True)

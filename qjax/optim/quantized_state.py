@@ -44,12 +44,12 @@ import optax
 from qjax.formats import get_format
 from qjax.granularity import PerBlock
 from qjax.qarray import QArray, dequantize
+from qjax.scales import TINY
 
 SIGNED = "dynamic"
 UNSIGNED = "dynamic_unsigned"
 FLOAT32 = "float32"
 STATE_FORMATS = (SIGNED, UNSIGNED, FLOAT32)
-_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 SECOND_MOMENT_FIELDS = (
     "nu",
@@ -220,15 +220,17 @@ def _encode_leaf(
     elementwise in ``x``'s shape, so that the codes keep ``x``'s sharding. Blocks where ``live`` is false
     keep ``old``'s codes and absmax bit for bit. ``dtype`` is the leaf's own dtype (what dequantize gives).
     """
-    scale = jnp.where(top == jnp.inf, jnp.nan, jnp.maximum(top, _TINY))
+    scale = jnp.where(top == jnp.inf, jnp.nan, jnp.maximum(top, TINY))
     if live is not None:
         scale = jnp.where(live, scale, old.scale)
-    blocks = (scale.shape[0], gran.size)
-    codes = get_format(fmt).encode(x / gran.from_blocks(jnp.broadcast_to(scale, blocks), x.shape))
+    def per_element(per_block):
+        return gran.from_blocks(jnp.broadcast_to(per_block, (scale.shape[0], gran.size)), x.shape)
+
+    codes = get_format(fmt).encode(x / per_element(scale))
     if fmt == UNSIGNED:
         codes = _round_up_nonzero(codes, x)
     if live is not None:
-        codes = jnp.where(gran.from_blocks(jnp.broadcast_to(live, blocks), x.shape), codes, old.codes)
+        codes = jnp.where(per_element(live), codes, old.codes)
     return QArray(codes, scale, None, fmt, gran, dtype)
 
 
@@ -237,24 +239,24 @@ def _requantize(
     after: Sequence[jax.Array],
     finite: Sequence[jax.Array | None],
     after_for_maxima: Sequence[jax.Array] | None = None,
-    finite_for_maxima: Sequence[jax.Array | None] | None = None,
 ) -> list:
     """New 8-bit leaves for the ``QArray`` s among ``stored`` (others pass ``after`` through).
 
     Leaves of one shape and block size that share a gradient (``mu`` and ``nu`` of one parameter) get
     their block maxima and the gradient's "any finite" flags from one reduction; a block with no finite
     gradient keeps its codes and absmax (see the module docstring). The maxima are taken over
-    ``after_for_maxima`` (the same values computed separately, see ``update_fn``) when given.
+    ``after_for_maxima`` (the same values computed separately, see ``update_fn``; ``finite`` are the masks
+    that trace made) when given.
     """
     if after_for_maxima is None:
-        after_for_maxima, finite_for_maxima = after, finite
+        after_for_maxima = after
     out = list(after)
     groups: dict = {}
-    for i, (node, x, ok) in enumerate(zip(stored, after, finite_for_maxima, strict=True)):
+    for i, (node, x, ok) in enumerate(zip(stored, after, finite, strict=True)):
         if _is_qarray(node):
             groups.setdefault((id(ok), x.shape, node.granularity.size), []).append(i)
     for (_, _, size), idx in groups.items():
-        gran, ok = PerBlock(size), finite_for_maxima[idx[0]]
+        gran, ok = PerBlock(size), finite[idx[0]]
         tops, live = _block_maxima([after_for_maxima[i].astype(jnp.float32) for i in idx], ok, gran)
         for i, top in zip(idx, tops, strict=True):
             old = stored[i] if ok is not None else None
@@ -377,10 +379,10 @@ def quantize_state(
         for_maxima, for_updates = jax.lax.optimization_barrier(
             ((updates, state, params), (updates, state, params))
         )
-        _, new, masks, _ = inner_step(updates, state, params, extra_args)
-        _, new_for_maxima, masks_for_maxima, _ = inner_step(*for_maxima, extra_args)
+        _, new, _, _ = inner_step(updates, state, params, extra_args)
+        _, new_for_maxima, masks, _ = inner_step(*for_maxima, extra_args)
         new_updates, _, _, grad_ok = inner_step(*for_updates, extra_args)
-        out = _requantize(leaves, new, masks, new_for_maxima, masks_for_maxima)
+        out = _requantize(leaves, new, masks, new_for_maxima)
         if skip_nonfinite:
             new_updates = jax.tree_util.tree_map(lambda u, ok: jnp.where(ok, u, 0), new_updates, grad_ok)
         return new_updates, treedef.unflatten(out)

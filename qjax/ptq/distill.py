@@ -15,7 +15,6 @@ model has no logits, so MSE on its outputs is the analogue.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -68,14 +67,13 @@ def run_steps(step: Callable, state, batches: Sequence[Mapping], targets: Sequen
               progress: Callable | None = None):
     """``state, loss = step(state, batch, target)`` for ``steps`` steps cycling over the batches.
 
-    Returns ``(state, losses, seconds)``; ``progress(iterable)`` (e.g. ``tqdm``) wraps the step range.
+    Returns ``(state, losses)``; ``progress(iterable)`` (e.g. ``tqdm``) wraps the step range.
     """
     pairs = itertools.cycle(list(zip(batches, targets, strict=True)))
     losses = []
-    start = time.perf_counter()
     for _ in (progress or (lambda r: r))(range(steps)):
         batch, target = next(pairs)
         state, loss = step(state, batch, target)
         losses.append(loss)
     jax.block_until_ready(state)
-    return state, [float(x) for x in losses], time.perf_counter() - start
+    return state, [float(x) for x in losses]

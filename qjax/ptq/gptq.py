@@ -57,6 +57,11 @@ def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return 2.0 * weighted.T @ rows, jnp.sum(mask)
 
 
+def _mean_hessian(h: jax.Array, count: jax.Array) -> jax.Array:
+    """``H / n``: a summed :func:`hessian_stat` divided by its row count (0 rows: left as summed)."""
+    return h / jnp.maximum(count, 1.0)
+
+
 def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int):
     if not isinstance(q, Quantizer):
         raise ValueError(f"gptq_layer expects a Quantizer, got {type(q).__name__}")
@@ -79,7 +84,6 @@ def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int
     if isinstance(gran, PerGroup) and block_size % gran.size:
         raise ValueError(f"gptq_layer: block_size {block_size} must be a multiple of the group size "
                          f"{gran.size}; allowed: {gran.size}, {2 * gran.size}, ...")
-    return gran
 
 
 def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block_size: int,
@@ -212,7 +216,7 @@ def hessians(model: nn.Module, variables: Mapping, batches: Sequence[Mapping], m
     """``{module path: H = 2 X^T X / n}`` over the non-padding input rows of each module (interception)."""
     stats = input_statistics(model, variables, batches, modules, hessian_stat, token_mask=token_mask,
                              apply_kwargs=apply_kwargs)
-    return {path: h / jnp.maximum(count, 1.0) for path, (h, count) in stats.items()}
+    return {path: _mean_hessian(h, count) for path, (h, count) in stats.items()}
 
 
 def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
@@ -250,7 +254,7 @@ def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping]
             h, count = stats[layer.module]
             w = weight(params, layer)
             try:
-                qarrays[layer.path] = gptq_layer(layer.quantizer, w, h / jnp.maximum(count, 1.0),
+                qarrays[layer.path] = gptq_layer(layer.quantizer, w, _mean_hessian(h, count),
                                                  block_size=block_size, damp=damp, act_order=act_order)
             except ValueError as err:
                 raise ValueError(f"gptq: layer {layer.name}: {err}") from None

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from qjax.linen import QuantizedModel, get_path, quantize_model, serving_variables, set_path
 from qjax.qarray import QArray, dequantize, unpack
@@ -111,8 +110,3 @@ def frozen_variables(variables: Mapping, layers: Sequence[Layer], qarrays: Mappi
     and input scales kept (:func:`qjax.linen.serving_variables`)."""
     packed = {layer.path: pack_for_serving(unpack(qarrays[layer.path]), layer.contract) for layer in layers}
     return serving_variables(variables, with_weights(variables["params"], packed))
-
-
-def cast_like(value: jax.Array, like: jax.Array) -> jax.Array:
-    """``value`` in ``like``'s dtype (QArrays dequantize to float32 by default)."""
-    return jnp.asarray(value).astype(jnp.asarray(like).dtype)

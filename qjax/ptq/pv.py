@@ -158,7 +158,7 @@ def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Map
     floats, scales, codes = _split(params, layers, templates)
     buffers = {layer.name: dequantize(templates[layer.path]).astype(jnp.float32) for layer in layers}
     state = PVState(floats, scales, codes, buffers, p_opt.init((floats, scales)), v_opt.init(buffers))
-    state, losses, _ = run_steps(step, state, batches, targets, steps, progress)
+    state, losses = run_steps(step, state, batches, targets, steps, progress)
     final = _qarrays(layers, templates, state.scales, state.codes)
     return frozen_variables({**variables, "params": state.floats}, layers, final), losses
 

@@ -57,6 +57,6 @@ def ste_finetune(model: nn.Module, variables: Mapping, rules, batches: Sequence[
         return (optax.apply_updates(params, updates), opt_state), loss
 
     state = (start["params"], optimizer.init(start["params"]))
-    (params, _), losses, _ = run_steps(step, state, batches, targets, steps, progress)
+    (params, _), losses = run_steps(step, state, batches, targets, steps, progress)
     trained = {**frozen_rest, "params": params}
     return freeze(qmodel, trained, **batches[0], **apply_kwargs), losses
