@@ -34,6 +34,19 @@ def same_bits(a, b):
     return a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+def close_across_modes(a, b):
+    """Two results of the same quantizer from differently compiled programs (eager vs jitted, vmap or scan vs
+    a loop): XLA does not promise one reduction order across them (an AVX-512 CPU sums ``mean|x|`` in another
+    order than an AVX2 one, eagerly or fused), so a scale may differ by an ulp. The codes must agree, so each
+    value agrees to a few ulps of the largest value (multi-basis sums cancel: their ulp is the scale's), NaN
+    where the other is NaN; a flipped code would differ by a whole step."""
+    eps = float(jnp.finfo(jnp.asarray(a).dtype).eps)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    top = np.nanmax(np.abs(b), initial=0.0)
+    np.testing.assert_allclose(a, b, rtol=4 * eps, atol=4 * eps * top)
+
+
 def all_quantizers():
     for name in FORMAT_NAMES:
         surrogates = sorted(SIGN_SURROGATES) if name == "binary" else ["ste", "clipped_ste"]
@@ -59,8 +72,7 @@ def test_fake_quant_equals_dequantize_quantize_bit_for_bit(q, dtype):
     assert fq.dtype == dtype
     assert same_bits(fq, dq)
     assert same_bits(fake_quant(q, x), dequantize(quantize(q, x)))  # eagerly too
-    if q.bases == 1:  # XLA may sum multi-basis residual means in another order once fused
-        assert same_bits(fake_quant(q, x), fq)
+    close_across_modes(fake_quant(q, x), fq)  # eager vs jitted
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -243,16 +255,17 @@ def test_schedule_of_hyperparameters_does_not_recompile():
 def test_vmap_scan_grad_agree_with_loop(q):
     xs = jax.random.normal(jax.random.key(7), (3, 16, 8))
     loop = jnp.stack([fake_quant(q, x) for x in xs])
-    np.testing.assert_array_equal(jax.vmap(lambda x: fake_quant(q, x))(xs), loop)
+    vmapped = jax.vmap(lambda x: fake_quant(q, x))(xs)
+    close_across_modes(vmapped, loop)
     _, scanned = jax.lax.scan(lambda c, x: (c, fake_quant(q, x)), 0, xs)
-    np.testing.assert_array_equal(scanned, loop)
+    close_across_modes(scanned, loop)
     grads = jax.vmap(jax.grad(lambda x: jnp.sum(fake_quant(q, x) ** 2)))(xs)
     loop_grads = jnp.stack([jax.grad(lambda x: jnp.sum(fake_quant(q, x) ** 2))(x) for x in xs])
     np.testing.assert_allclose(grads, loop_grads, rtol=1e-6)
     qa = jax.vmap(lambda x: quantize(q, x))(xs)  # a QArray made inside vmap dequantizes outside
-    np.testing.assert_array_equal(jax.vmap(dequantize)(qa), loop)
+    np.testing.assert_array_equal(jax.vmap(dequantize)(qa), vmapped)  # same mode: bit for bit
     if not isinstance(q.granularity, PerTensor) or q.bases == 1:
-        np.testing.assert_array_equal(dequantize(qa), loop)
+        close_across_modes(dequantize(qa), loop)
 
 
 @pytest.mark.parametrize("q", list(all_quantizers()), ids=repr)
