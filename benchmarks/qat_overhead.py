@@ -12,9 +12,11 @@ For each model (an MLP and a small Transformer encoder LM, plain Flax Linen) and
 - ``qwix_w4a8``: Qwix's quantized training (``qwix.QtProvider`` + ``qwix.QtRule``, int4 weights, int8
   dynamic-range activations on the same layers' ``dot_general``; Qwix's closest equivalent);
 - ``qwix_w1a1``: not measured: Qwix has no 1-bit (sign) format, its smallest integer type is ``int2``;
-- extras, ``qjax_w8a8`` and ``qwix_w8a8``: int8 weights and inputs, the case Qwix's integer path is built for;
-  and ``qjax_w4a8_int8``: ``qjax_w4a8`` with the int8 x int8 -> int32 product forced
-  (:func:`qjax.int_matmul.qat_product`; the default on CPU is the float product of the fake-quant values);
+- ``qjax_w8a8`` and ``qwix_w8a8``: int8 weights and inputs, the case Qwix's integer path is built for;
+- ``qjax_{w4a8,w8a8}_{int8,float}``: the same with qjax's fused QAT product forced
+  (``quantize_model(..., product=...)``); the plain ``qjax_*`` rows use ``product="auto"``, which picks the
+  int8 product on CPUs with int8 dot instructions (AVX-512 VNNI, AVX-VNNI, AMX) and the float one elsewhere
+  (:func:`qjax.machine.int8_product_is_faster`);
 
 the step is one ``jax.jit``-compiled forward + backward + ``optax.adam`` update, and every method starts from
 the fp32 model's initial weights. Each step is compiled ahead of time (compile time is reported, not
@@ -57,7 +59,7 @@ import qjax
 from benchmarks.machine import cpu_name
 from qjax import PerChannel, PerToken, Quantizer, Rule
 from qjax import linen as qlinen
-from qjax.int_matmul import current_product, qat_product
+from qjax.machine import _cpu_flags, int8_product_is_faster, resolve_product
 
 DENSE_TYPES = ("Dense", "DenseGeneral")
 FIRST_AND_LAST = r"(?!dense_0$|head$).*"  # W1A1 keeps the first and the last layer float
@@ -155,20 +157,21 @@ W1A1_RULES = [Rule(FIRST_AND_LAST, types=DENSE_TYPES,
                    input=Quantizer("binary", PerToken(-1), "mean_abs", "clipped_ste"), name="w1a1")]
 
 
-QJAX_METHODS = {  # name: (rules, description, QAT product or None for the platform's default)
-    "qjax_w4a8": (W4A8_RULES, "int4 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every "
-                              "Dense/DenseGeneral", None),
+_W4A8 = "int4 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every Dense/DenseGeneral"
+_W8A8 = "int8 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every Dense/DenseGeneral"
+QJAX_METHODS = {  # name: (rules, description, QAT product)
+    "qjax_w4a8": (W4A8_RULES, _W4A8 + ', product="auto"', "auto"),
     "qjax_w1a1": (W1A1_RULES, "binary mean_abs PerChannel(-1) weights and PerToken(-1) inputs, clipped_ste, "
-                              "every Dense/DenseGeneral but the first and the last layer (float)", None),
-    "qjax_w8a8": (W8A8_RULES, "extra: int8 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, "
-                              "every Dense/DenseGeneral", None),
-    "qjax_w4a8_int8": (W4A8_RULES, "extra: qjax_w4a8 with the int8 x int8 -> int32 product forced "
-                                   "(qjax.int_matmul.qat_product('int8'))", "int8"),
+                              "every Dense/DenseGeneral but the first and the last layer (float)", "auto"),
+    "qjax_w8a8": (W8A8_RULES, _W8A8 + ', product="auto"', "auto"),
+    "qjax_w4a8_int8": (W4A8_RULES, _W4A8 + ", int8 x int8 -> int32 product forced", "int8"),
+    "qjax_w4a8_float": (W4A8_RULES, _W4A8 + ", float product forced", "float"),
+    "qjax_w8a8_int8": (W8A8_RULES, _W8A8 + ", int8 x int8 -> int32 product forced", "int8"),
+    "qjax_w8a8_float": (W8A8_RULES, _W8A8 + ", float product forced", "float"),
 }
-# The comparison asked for, then the extras (int8 weights, the case Qwix's int8 path is built for; qjax's
-# int8 product where the platform default is the float one).
+# The comparison asked for, then qjax's two products forced, so either machine shows both.
 METHODS = ("fp32", "qjax_w4a8", "qjax_w1a1", "qwix_w4a8", "qwix_w1a1", "qjax_w8a8", "qwix_w8a8",
-           "qjax_w4a8_int8")
+           "qjax_w4a8_int8", "qjax_w4a8_float", "qjax_w8a8_int8", "qjax_w8a8_float")
 
 
 @dataclasses.dataclass
@@ -179,15 +182,7 @@ class Method:
     config: str = ""
     not_measured: str | None = None  # why, when the method cannot run here
     qmodel: Any = None
-    product: str | None = None  # qjax's QAT product when forced (qjax.int_matmul.qat_product)
-
-
-def _with_product(apply: Callable, product: str) -> Callable:
-    """``apply`` traced under ``qat_product(product)`` (the product is read at trace time)."""
-    def wrapped(*args, **kwargs):
-        with qat_product(product):
-            return apply(*args, **kwargs)
-    return wrapped
+    product: str | None = None  # qjax's QAT product setting (quantize_model(..., product=...))
 
 
 def qwix_status() -> tuple[Any, str | None]:
@@ -214,9 +209,8 @@ def methods(model: nn.Module, names: set[str] | None = None) -> list[Method]:
     """The methods compared on ``model`` (all of :data:`METHODS`, or those in ``names``)."""
     out = [Method("fp32", model.init, model.apply, "unmodified Flax Linen model")]
     for name, (rules, config, product) in QJAX_METHODS.items():
-        qmodel = qlinen.quantize_model(model, rules)
-        apply = qmodel.apply if product is None else _with_product(qmodel.apply, product)
-        out.append(Method(name, qmodel.init, apply, config, qmodel=qmodel, product=product))
+        qmodel = qlinen.quantize_model(model, rules, product=product)
+        out.append(Method(name, qmodel.init, qmodel.apply, config, qmodel=qmodel, product=product))
     qwix, why = qwix_status()
     if qwix is None:
         out += [Method("qwix_w4a8", not_measured=why), Method("qwix_w8a8", not_measured=why)]
@@ -282,13 +276,10 @@ def _jsonable(value):
 
 def reported_paths(qmodel, variables, x, product: str | None = None) -> dict | None:
     """``QuantizedModel.paths``: module -> the path its QAT contraction took ("fused fake-quant float",
-    "int8 dot_general", "fake-quant float", ...), under ``qat_product(product)`` when given, if the
-    installed qjax reports it; ``None`` otherwise (or for a peer)."""
+    "int8 dot_general", "fake-quant float", ...) for a qjax model; ``None`` for a peer."""
     paths = getattr(qmodel, "paths", None) if isinstance(qmodel, qlinen.QuantizedModel) else None
     if not callable(paths):
         return None
-    if product is not None:
-        paths = _with_product(paths, product)
     return {"source": "QuantizedModel.paths", "value": _jsonable(paths(variables, x))}
 
 
@@ -390,7 +381,10 @@ def environment() -> dict:
             "flax": flax.__version__, "optax": optax.__version__, "qjax": qjax.__version__,
             "qwix": getattr(qwix, "__version__", None) if qwix else None, "qwix_status": why or "ok",
             "python": platform.python_version(), "qjax_git": _git_state(),
-            "qjax_qat_product_default": current_product(),
+            "qjax_qat_product_auto": resolve_product("auto"),
+            "cpu_int8_dot_flags": sorted(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "avx512bw",
+                                                         "avx512f", "avx2"}),
+            "int8_product_is_faster": int8_product_is_faster(),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
 
 

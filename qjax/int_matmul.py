@@ -12,59 +12,32 @@ gives the float fake-quant result up to float rounding, faster where the platfor
 than float32 (Qwix's QAT does the same for int8). The backward is exactly that of the fake-quant path
 (``jax.vjp`` of ``fake_quant(x) @ fake_quant(w)``), surrogate gradients included.
 
-Which product (:func:`qat_product`, read at trace time): ``"int8"`` where int8 multiplies faster than float32
-(GPU and TPU: the default there), ``"float"`` (the default on CPU, where XLA's int8 dot is no faster than
-its float32 one on CPUs without VNNI/AMX): the same op with ``fake_quant(x) . fake_quant(w)`` in float32,
-which keeps the fake-quant values themselves for the backward instead of recomputing them from the codes
-(one pass fewer over each weight). Both give the fake-quant product up to float rounding and the same
-gradients. Non-finite operands: the int8 product marks a group holding a NaN or Inf through its scale, as
+Which product (the ``product`` argument; ``"auto"``: :func:`qjax.machine.resolve_product`): ``"int8"``
+where int8 multiplies faster than float32 (GPU, TPU, CPUs with VNNI/AMX), ``"float"`` elsewhere (XLA's int8
+dot is no faster than its float32 one on AVX2-only CPUs): the same op with ``fake_quant(x) . fake_quant(w)``
+in float32, which keeps the fake-quant values themselves for the backward instead of recomputing them from
+the codes (one pass fewer over each weight). Both give the fake-quant product up to float rounding and the
+same gradients. Non-finite operands: the int8 product marks a group holding a NaN or Inf through its scale, as
 :func:`qjax.quantize` does (integer codes cannot hold a NaN); the float product marks Inf the same way but
 lets a NaN element through by itself (one reduction fewer per operand), which makes the same outputs NaN.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from qjax import qat
 from qjax.granularity import PerChannel, PerTensor, PerToken
+from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, fake_quant, quantize
 from qjax.scales import COMPUTED_RULES, compute_scale
-from qjax.trace_settings import holding
 
 INT_KINDS = ("int", "binary", "ternary")
-PRODUCTS = ("auto", "int8", "float")
-_CONCRETE_PRODUCTS = ("int8", "float")
-_PRODUCT = contextvars.ContextVar("qjax_qat_product", default="auto")
-
-
-@contextlib.contextmanager
-def qat_product(product: str) -> Iterator[str]:
-    """Within the block, the fused QAT matmul (:func:`qat_matmul`) multiplies with ``product``.
-
-    ``"auto"`` (default): ``"int8"`` on GPU and TPU, ``"float"`` elsewhere; ``"int8"``: int8 x int8 -> int32
-    ``dot_general``; ``"float"``: float32 product of the fake-quant values. Read at trace time (a function
-    already traced keeps its product). Nests; thread- and async-safe (a :class:`contextvars.ContextVar`).
-    """
-    with holding(_PRODUCT, product, PRODUCTS, "QAT product"):
-        yield product
-
-
-def current_product() -> str:
-    """``"int8"`` or ``"float"``: the product :func:`qat_matmul` takes here (``"auto"`` resolved by the
-    default backend: int8 on GPU/TPU, float on CPU)."""
-    product = _PRODUCT.get()
-    if product == "auto":
-        return "int8" if jax.default_backend() in ("gpu", "tpu") else "float"
-    return product
 
 
 def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict,
@@ -140,19 +113,20 @@ def _value_and_vjp(res):
 
 def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
                x_scale: jax.Array | None = None, w_scale: jax.Array | None = None,
-               hparams: dict | None = None, contract: int = 1, product: str | None = None) -> jax.Array:
+               hparams: dict | None = None, contract: int = 1, product: str = "auto") -> jax.Array:
     """``y = fake_quant(inputs, x) . fake_quant(weight, w)`` contracted over ``contract`` axes, as one op.
 
     ``y[m, n] = s_x[m] s_w[n] sum_k c_x[m, k] c_w[k, n]`` (integer codes ``c``, scales ``s``), computed with
     ``product``: ``"int8"`` (int8 x int8 -> int32 ``dot_general``, then the scales), ``"float"`` (float32
-    product of the fake-quant values) or ``None`` for :func:`current_product`. ``x``: ``(..., *K)``; ``w``:
+    product of the fake-quant values) or ``"auto"`` (:func:`qjax.machine.resolve_product`: int8 where this
+    machine multiplies int8 faster). ``x``: ``(..., *K)``; ``w``:
     ``(*K, *features)``; returns float32 ``(..., *features)``. Gradients are those of the fake-quant product
     (surrogates included): Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018, for the integer form. See the module docstring.
     """
-    product = current_product() if product is None else product
-    if product not in _CONCRETE_PRODUCTS:
-        raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: {', '.join(_CONCRETE_PRODUCTS)}")
+    if product not in PRODUCTS:
+        raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: {', '.join(PRODUCTS)}")
+    product = resolve_product(product)
     return _qat_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract,
                        product == "int8")
 

@@ -1,80 +1,78 @@
-"""Quantize any Flax Linen model by rules, without editing its code.
+"""Quantize any Flax Linen model by rules, without editing its code (front end of :mod:`qjax.core`).
 
-``qmodel = quantize_model(model, rules)`` gives an object with the model's ``init`` and ``apply``:
+``qmodel = quantize_model(model, rules, product="auto", backend="auto")`` has the model's ``init`` and
+``apply``. Flax's method interception (``nn.intercept_methods``) sees every module method call; for a
+module a rule matched, the call runs inside :func:`qjax.interception.intercepting` with a
+:class:`qjax.core.Call`, so each contraction of the module's weight (``dot_general``, ``einsum``, conv,
+``dot``, ``matmul``) quantizes its weight and its input operand (or runs the fused / packed op), and
+activation x activation contractions take the rule's ``activations`` quantizer. A float module's call is
+shielded (its contractions run plain even inside a quantized parent).
 
-- weights: before the model runs, every parameter named in a matching rule's ``weight_names`` is replaced by
-  its fake-quantized value (the model reads it as usual, so any module that contracts a weight works:
-  Dense, DenseGeneral, Conv, Einsum, Embed, or a module written elsewhere);
-- inputs: Flax's method interception (``nn.intercept_methods``) fake-quantizes the first positional input of
-  each matched module's ``__call__``;
-- activations: inside a matched module with an ``activations`` quantizer (attention), both operands of each
-  ``jnp.einsum`` / ``lax.dot_general`` run directly in its ``__call__`` (``q k^T``, ``p v``) are quantized.
+What only Linen has to know:
 
-A rule applies to a module that its path and types match and that owns one of the rule's weight parameters,
-or that the rule names by type. Learned scales (LSQ steps, BiPer's alpha) live in the ``"quant"`` variable
-collection, keyed by module path. Per-step hyperparameters go in ``apply(..., hparams={...})`` as arrays
-(:mod:`qjax.qat`), so schedules never recompile.
+- variables: learned scales (LSQ steps, BiPer's alpha) live in the ``"quant"`` collection, keyed by module
+  path (``INPUT_KEY`` for an input scale); frozen weights are :class:`~qjax.QArray` s in ``params``;
+- partitioning metadata (``nn.Partitioned``, ``nn.LogicallyPartitioned``): read through, written back
+  into the same box (its names kept);
+- a module applied through a nested ``.apply`` (GPT-2's tied head ``lm_head.apply({"params": {"kernel":
+  wte.T}}, h)``) has no path of its own; its path is the enclosing module's path plus its name
+  (``"lm_head"`` at the root), and its weight is quantized where it is contracted;
+- layers stacked by ``nn.scan`` / ``nn.vmap``: contracted per layer, so computed scales are per layer.
 
-``freeze(qmodel, variables, *args)`` turns the trained weights into packed :class:`~qjax.QArray` codes;
-``qmodel.apply`` runs a frozen model too, with Dense and single-axis DenseGeneral layers on
-:func:`kernels_pallas.packed_matmul` and any other module on the dequantized weight.
+Per-step hyperparameters go in ``apply(..., hparams={...})`` as arrays (:mod:`qjax.qat`). The QAT product
+and the kernel backend are static settings of the quantized model (:class:`qjax.core.Settings`).
+``freeze(qmodel, variables, *args)`` turns the trained weights into packed QArrays.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from qjax import qat
-from qjax.int_matmul import current_product, integer_eligible, qat_matmul
+from qjax.core import (
+    AT_MODULE,
+    DEQUANTIZED,
+    FAKE_QUANT,
+    FLOAT,
+    FUSED_FLOAT,
+    FUSED_PATHS,
+    INT8,
+    PACKED,
+    Call,
+    ModuleEntry,
+    Settings,
+    Weight,
+    execution_path,
+    initial_weight_scale,
+    stacked_map,
+)
+from qjax.discovery import contracted_leaves
+from qjax.interception import intercepting
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import quantize
-from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
+from qjax.rules import assign, check_rules, format_table
+from qjax.serving import pack_for_serving
+
+__all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FLOAT", "FUSED_FLOAT", "FUSED_PATHS", "INPUT_KEY",
+           "INT8", "PACKED", "ModuleEntry", "QuantizedModel", "float_view", "freeze",
+           "get_path", "quantize_model", "serving_variables", "set_path"]
 
 INPUT_KEY = "__input__"
 
 
-@dataclasses.dataclass(frozen=True)
-class ModuleEntry:
-    """One module of a traced model: its path, class name, own parameters and matched rule."""
-
-    path: tuple[str, ...]
-    type_name: str
-    params: tuple[str, ...]
-    rule: Rule | None
-    contract: int = 0  # contracting axes of a Dense (1) / DenseGeneral on trailing axes; 0: not a matmul
-
-    @property
-    def name(self) -> str:
-        return "/".join(self.path)
-
-    @property
-    def weights(self) -> tuple[str, ...]:
-        return tuple(p for p in self.params if self.rule and self.rule.weight and p in self.rule.weight_names)
+def unbox(x):
+    """The value inside a partitioning metadata box (``nn.Partitioned``, ...), else ``x``."""
+    return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
 
 
-def _contracting_axes(module: nn.Module, x) -> int:
-    """How many axes a Dense-like module contracts (0 when it is not one qjax runs as a matmul):
-    Dense, or a DenseGeneral without batch dims over one axis or over the trailing axes in order."""
-    if isinstance(module, nn.Dense):
-        return 1
-    if isinstance(module, nn.DenseGeneral) and not module.batch_dims and hasattr(x, "ndim"):
-        axes = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        if len(axes) == 1 or [a % x.ndim for a in axes] == list(range(x.ndim - len(axes), x.ndim)):
-            return len(axes)
-    return 0
-
-
-def _eligible(rule: Rule, path: str, type_name: str, params: tuple[str, ...]) -> bool:
-    owns_weight = any(p in rule.weight_names for p in params)
-    return rule.matches(path, type_name) and (owns_weight or bool(rule.types))
+def rebox(old, value):
+    """``value`` in ``old``'s box (names kept) when ``old`` is boxed, else ``value``."""
+    return old.replace_boxed(value) if isinstance(old, nn.meta.AxisMetadata) else value
 
 
 def get_path(tree: Mapping, path: tuple[str, ...], default=None):
@@ -124,71 +122,126 @@ def _cache_key(*trees):
     return treedef, sig
 
 
+def _own_params(module: nn.Module) -> dict[str, Any]:
+    """The module's own array parameters (unboxed), by name."""
+    params = module.variables.get("params", {}) if module.scope is not None else {}
+    return {k: unbox(v) for k, v in params.items() if not isinstance(v, Mapping)}
+
+
+class _Paths:
+    """Module paths of the calls on this interception's stack; a nested ``.apply`` (a root scope opened
+    inside another module's call) gets the enclosing path plus its own name."""
+
+    def __init__(self):
+        self.stack: list[tuple[str, ...]] = []
+
+    def of(self, module: nn.Module) -> tuple[str, ...]:
+        path = tuple(str(p) for p in module.path)
+        if not path and self.stack:
+            return (*self.stack[-1], module.name or type(module).__name__)
+        return path
+
+
+def _param_leaves(params: Mapping):
+    """``(leaves, treedef, [(module path, param name) per leaf])`` of a (possibly boxed) params tree."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = []
+    for key_path, _ in flat:
+        keys = tuple(str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        names.append((keys[:-1], keys[-1]))
+    return [leaf for _, leaf in flat], treedef, names
+
+
+@dataclasses.dataclass
+class _Seen:
+    type_name: str
+    params: tuple[str, ...]
+    shapes: dict
+    uses: dict
+
+
 class QuantizedModel:
     """A Linen model with quantization rules applied at ``init``/``apply`` time (module docstring)."""
 
-    def __init__(self, model: nn.Module, rules, *, warn_unused: bool = True):
+    def __init__(self, model: nn.Module, rules, *, product: str = "auto", backend: str = "auto",
+                 warn_unused: bool = True):
         if not isinstance(model, nn.Module):
             raise ValueError(f"quantize_model expects a flax.linen Module, got {type(model).__name__}")
         self.model = model
         self.rules = check_rules(rules)
+        self.settings = Settings(product, backend)
         self.warn_unused = warn_unused
         self._tables: dict[Any, dict[str, ModuleEntry]] = {}
 
     # --- which module gets which rule --------------------------------------------------------------
 
-    def _record(self, modules: dict, inputs: dict | None = None):
+    def _recording(self, seen: dict, inputs: dict | None = None):
+        paths = _Paths()
+
         def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and context.module.scope is not None:
-                module = context.module
-                own = tuple(k for k, v in module.variables.get("params", {}).items()
-                            if not isinstance(v, Mapping))
-                path = tuple(str(p) for p in module.path)
-                contract = _contracting_axes(module, args[0]) if args else 0
-                modules.setdefault(path, (type(module).__name__, own, contract))
-                if inputs is not None and args:
-                    inputs.setdefault(path, args[0])
-            return next_fun(*args, **kwargs)
+            module = context.module
+            if context.method_name == "setup" or module.scope is None:
+                return next_fun(*args, **kwargs)
+            path = paths.of(module)
+            own = _own_params(module)
+            record = seen.setdefault(path, _Seen(type(module).__name__, tuple(own), {}, {}))
+            record.shapes.update({k: jax.numpy.shape(v) for k, v in own.items()})
+            if inputs is not None and args:
+                inputs.setdefault(path, args[0])
+            weights = {k: Weight(k, v, v) for k, v in own.items()}
+            paths.stack.append(path)
+            try:
+                with intercepting(Call(None, weights, {}, self.settings, recorder=record.uses).handle):
+                    return next_fun(*args, **kwargs)
+            finally:
+                paths.stack.pop()
 
         return nn.intercept_methods(interceptor)
 
-    def _entries(self, modules: dict) -> dict[str, ModuleEntry]:
-        table = {}
-        for path, (type_name, own, contract) in modules.items():
-            name = "/".join(path)
-            rule = next((r for r in self.rules if _eligible(r, name, type_name, own)), None)
-            table[name] = ModuleEntry(path, type_name, own, rule, contract)
-        if self.warn_unused:
-            used = {id(e.rule) for e in table.values()}
-            unused = [r.label for r in self.rules if id(r) not in used]
-            if unused:
-                import warnings
-
-                warnings.warn(f"qjax rules matched no module: {unused}; modules: {sorted(table)[:20]}",
-                              stacklevel=3)
-        return table
-
     def table(self, variables, *args, **kwargs) -> dict[str, ModuleEntry]:
-        """Module path -> :class:`ModuleEntry` (with its rule) for this model on inputs like ``args``."""
+        """Module path -> :class:`~qjax.core.ModuleEntry` (with its rule) for inputs like ``args``."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "mutable"}
         key = _cache_key(variables, args, kwargs)
         if key not in self._tables:
-            modules: dict = {}
-            plain = {k: v for k, v in variables.items() if k != "quant"}
+            plain = float_view({k: v for k, v in variables.items() if k != "quant"})
+            leaves, treedef, names = _param_leaves(plain.get("params", {}))
+            seen: dict = {}
 
-            def run(v):
-                with self._record(modules):
-                    return self.model.apply(float_view(v), *args, **{**kwargs, "mutable": True})
+            def run(ls):
+                with self._recording(seen):
+                    v = {**plain, "params": jax.tree_util.tree_unflatten(treedef, ls)}
+                    return self.model.apply(v, *args, **{**kwargs, "mutable": True})
 
-            jax.eval_shape(run, plain)
-            self._tables[key] = self._entries(modules)
+            contracted = contracted_leaves(run, leaves)
+            stored = {names[i]: leaves[i] for i in range(len(leaves))}
+            by_module: dict = {}
+            for i in contracted:
+                by_module.setdefault(names[i][0], set()).add(names[i][1])
+            entries = []
+            for path, record in seen.items():
+                hit = by_module.get(path, set())
+                stacked = max((len(jax.numpy.shape(stored[(path, p)])) - len(record.shapes[p])
+                               for p in hit if (path, p) in stored), default=0)
+                if not hit and record.uses:  # a nested .apply's weight: not a leaf of our params
+                    hit = set(record.uses)
+                entries.append(ModuleEntry(path, record.type_name, record.params,
+                                           tuple(p for p in record.params if p in hit),
+                                           tuple(sorted(record.uses.items())), max(stacked, 0)))
+            self._tables[key] = assign(self.rules, entries, warn=self.warn_unused)
         return self._tables[key]
 
     def paths(self, variables, *args, hparams: dict | None = None, **kwargs) -> dict[str, str]:
-        """Module path -> how its contraction runs (:func:`execution_path`) for these variables."""
+        """Module path -> how its contraction runs (:func:`qjax.core.execution_path`)."""
         hparams = qat.check_hparams(hparams)
-        table = self.table(variables, *args, **kwargs)
-        return {name: execution_path(e, variables["params"], hparams) for name, e in table.items()
-                if e.rule is not None}
+        out = {}
+        for name, entry in self.table(variables, *args, **kwargs).items():
+            if entry.rule is None:
+                continue
+            w = get_path(variables["params"], (*entry.path, entry.weights[0])) if entry.weights else None
+            w = unbox(w)
+            out[name] = execution_path(entry, hparams, self.settings, w if isinstance(w, QArray) else None,
+                                       None if w is None else len(w.shape) - entry.stacked)
+        return out
 
     def dry_run(self, variables, *args, **kwargs) -> str:
         """The printable table of module path -> rule (``-`` for float); also warns about unused rules."""
@@ -200,47 +253,66 @@ class QuantizedModel:
         """``model.init`` plus the ``"quant"`` collection of learned scales (when a rule has one)."""
         qat.check_hparams(hparams)
         variables = dict(self.model.init(rngs, *args, **kwargs))
-        modules: dict = {}
-        inputs: dict = {}
-        apply_kwargs = {**kwargs, "mutable": True,
-                        "rngs": rngs if isinstance(rngs, Mapping) else {"dropout": rngs}}
-        with self._record(modules, inputs):
-            self.model.apply(variables, *args, **apply_kwargs)
-        table = self._entries(modules)
+        table = self.table(variables, *args, **kwargs)
         quant: dict = {}
+        needs_inputs = any(e.rule is not None and qat.needs_state(e.rule.input) for e in table.values())
+        inputs: dict = {}
+        if needs_inputs:
+            seen: dict = {}
+            with self._recording(seen, inputs):
+                self.model.apply(variables, *args, **{**kwargs, "mutable": True,
+                                                      "rngs": rngs if isinstance(rngs, Mapping)
+                                                      else {"dropout": rngs}})
         for entry in table.values():
             rule = entry.rule
             if rule is None:
                 continue
             for name in entry.weights:
                 if qat.needs_state(rule.weight):
-                    w = get_path(variables["params"], (*entry.path, name))
-                    quant = set_path(quant, (*entry.path, name), qat.initial_scale(rule.weight, w))
+                    w = unbox(get_path(variables["params"], (*entry.path, name)))
+                    quant = set_path(quant, (*entry.path, name),
+                                     initial_weight_scale(rule.weight, w, entry.stacked))
             if qat.needs_state(rule.input) and entry.path in inputs:
-                scale = qat.initial_scale(rule.input, inputs[entry.path])
-                quant = set_path(quant, (*entry.path, INPUT_KEY), scale)
+                if entry.stacked:
+                    raise ValueError(f"module {entry.name!r}: learned input scales of layers stacked by "
+                                     "scan are not supported; use a computed input scale rule")
+                quant = set_path(quant, (*entry.path, INPUT_KEY), qat.initial_scale(rule.input,
+                                                                                    inputs[entry.path]))
         if quant:
             variables["quant"] = quant
         return variables
 
-    def _model_variables(self, variables: dict, table: dict[str, ModuleEntry], hparams: dict) -> dict:
+    def _prepare(self, variables: Mapping, table: Mapping[str, ModuleEntry], hparams: dict):
+        """The variables the model reads (frozen weights dequantized; a weight that no interceptable op
+        contracts fake-quantized where it is stored) and, per module path, the values it will hold."""
         quant = variables.get("quant", {})
         params = variables["params"]
+        held: dict = {}
         for entry in table.values():
-            if execution_path(entry, params, hparams) in FUSED_PATHS:
-                continue  # the interceptor quantizes this weight itself
+            if entry.rule is None:
+                continue
             for name in entry.weights:
                 where = (*entry.path, name)
-                w = get_path(params, where)
-                if isinstance(w, QArray):
-                    if not _runs_packed(entry, w):
-                        params = set_path(params, where, dequantize(w))
+                box = get_path(params, where)
+                w = unbox(box)
+                if w is None:
                     continue
                 scale = get_path(quant, where)
-                params = set_path(params, where, qat.quantize_weight(entry.rule.weight, w, scale, hparams))
+                if isinstance(w, QArray):
+                    value = dequantize(w)
+                    held[where] = Weight(name, None, value, None, w)
+                elif not entry.intercepted:
+                    q = entry.rule.weight
+                    value = stacked_map(lambda v, s, q=q: qat.quantize_weight(q, v, s, hparams),
+                                        entry.stacked)(w, scale)
+                    held[where] = Weight(name, w, value, scale)
+                else:
+                    held[where] = Weight(name, w, w, scale)
+                    continue
+                params = set_path(params, where, rebox(box, value))
         out = {k: v for k, v in variables.items() if k != "quant"}
         out["params"] = params
-        return float_view(out)
+        return float_view(out), held
 
     def apply(self, variables: dict, *args, hparams: dict | None = None, **kwargs):
         """``model.apply`` with weights, inputs and activations quantized by the rules.
@@ -249,115 +321,53 @@ class QuantizedModel:
         """
         hparams = qat.check_hparams(hparams)
         table = self.table(variables, *args, **{k: v for k, v in kwargs.items() if k != "mutable"})
-        model_vars = self._model_variables(variables, table, hparams)
+        model_vars, held = self._prepare(variables, table, hparams)
         quant = variables.get("quant", {})
-        with self._interception(table, quant, variables["params"], hparams):
-            return self.model.apply(model_vars, *args, **kwargs)
-
-    @contextlib.contextmanager
-    def _interception(self, table, quant, params, hparams):
-        active: list = []  # the activations quantizer of each module call on the stack
+        paths = _Paths()
 
         def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != "__call__" or context.module.scope is None:
+            module = context.module
+            if context.method_name == "setup" or module.scope is None:
                 return next_fun(*args, **kwargs)
-            entry = table.get("/".join(str(p) for p in context.module.path))
-            rule = entry.rule if entry else None
-            path = execution_path(entry, params, hparams) if entry is not None else FLOAT
-            input_scale = get_path(quant, (*entry.path, INPUT_KEY)) if entry is not None else None
-            if path in FUSED_PATHS:
-                w = get_path(params, (*entry.path, entry.weights[0]))
-                w_scale = get_path(quant, (*entry.path, entry.weights[0]))
-                product = "int8" if path == INT8 else "float"
-                return _dense_like_call(context.module, args[0], lambda x: qat_matmul(
-                    x, w, rule.weight, rule.input, input_scale, w_scale, hparams, entry.contract, product))
-            if rule is not None and rule.input is not None and args:
-                args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
-            active.append(rule.activations if rule is not None else None)
+            path = paths.of(module)
+            entry = table.get("/".join(path))
+            rule = entry.rule if entry is not None else None
+            handler = None
+            if rule is not None:
+                own = _own_params(module)
+                weights = {}
+                for name in entry.weights:
+                    if name not in own:
+                        continue
+                    mine = held.get((*path, name))
+                    if mine is not None and own[name] is mine.seen:
+                        weights[name] = mine
+                    else:  # inside a scan body (a per-layer slice) or a nested .apply's weight
+                        weights[name] = Weight(name, own[name], own[name], get_path(quant, (*path, name)))
+                input_scale = get_path(quant, (*path, INPUT_KEY))
+                if not entry.intercepted and rule.input is not None and args:
+                    args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
+                if not entry.intercepted:
+                    weights = {}
+                handler = Call(entry, weights, hparams, self.settings, input_scale).handle
+            paths.stack.append(path)
             try:
-                if path == PACKED:
-                    w = get_path(params, (*entry.path, entry.weights[0]))
-                    return _dense_like_call(context.module, args[0], lambda x: frozen_matmul(x, w))
-                return next_fun(*args, **kwargs)
+                with intercepting(handler):
+                    return next_fun(*args, **kwargs)
             finally:
-                active.pop()
+                paths.stack.pop()
 
-        with nn.intercept_methods(interceptor), _quantized_contractions(active, hparams):
-            yield
-
-
-@contextlib.contextmanager
-def _quantized_contractions(active: list, hparams: dict):
-    """While active, ``jnp.einsum`` and ``lax.dot_general`` quantize their array operands whenever the
-    innermost module call has an ``activations`` quantizer."""
-    original_einsum, original_dot_general = jnp.einsum, jax.lax.dot_general
-
-    def q(x):
-        return qat.quantize_input(active[-1], x, None, hparams) if isinstance(x, jax.Array) else x
-
-    def einsum(subscripts, *operands, **kwargs):
-        if active and active[-1] is not None:
-            operands = tuple(q(o) for o in operands)
-        return original_einsum(subscripts, *operands, **kwargs)
-
-    def dot_general(lhs, rhs, *args, **kwargs):
-        if active and active[-1] is not None:
-            lhs, rhs = q(lhs), q(rhs)
-        return original_dot_general(lhs, rhs, *args, **kwargs)
-
-    jnp.einsum, jax.lax.dot_general = einsum, dot_general
-    try:
-        yield
-    finally:
-        jnp.einsum, jax.lax.dot_general = original_einsum, original_dot_general
-
-
-# --- frozen models -----------------------------------------------------------------------------------
-
-def _runs_packed(entry: ModuleEntry, w: QArray) -> bool:
-    return entry.contract == 1 and packed_layout(w) is not None
-
-
-def _dense_like_call(module: nn.Module, x: jax.Array, matmul) -> jax.Array:
-    """A Dense / DenseGeneral layer with its contraction done by ``matmul(x (..., *K))``."""
-    axes = getattr(module, "axis", -1)
-    if isinstance(module, nn.DenseGeneral) and (not isinstance(axes, tuple) or len(axes) == 1):
-        x = jnp.moveaxis(x, axes[0] if isinstance(axes, tuple) else axes, -1)
-    dtype = module.dtype or x.dtype
-    y = matmul(x).astype(dtype)
-    if module.use_bias:
-        y = y + module.variables["params"]["bias"].astype(dtype)
-    return y
-
-
-FLOAT, FAKE_QUANT, INT8, FUSED_FLOAT, PACKED, DEQUANTIZED = (
-    "float", "fake-quant float", "int8 dot_general", "fused fake-quant float", "packed matmul",
-    "dequantized float")
-FUSED_PATHS = (INT8, FUSED_FLOAT)  # one custom-VJP op for the quantized contraction (qjax.int_matmul)
-
-
-def execution_path(entry: ModuleEntry | None, params: Mapping, hparams: dict) -> str:
-    """How a module's contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` or ``fused
-    fake-quant float`` (QAT with integer codes as one custom-VJP op, :func:`qjax.int_matmul.qat_matmul`,
-    its product chosen by :func:`qjax.int_matmul.qat_product`), ``fake-quant float``, ``packed matmul``
-    (frozen, integer codes) or ``dequantized float`` (frozen, other formats or layouts)."""
-    if entry is None or not entry.weights:
-        return FLOAT
-    w = get_path(params, (*entry.path, entry.weights[0]))
-    if isinstance(w, QArray):
-        return PACKED if _runs_packed(entry, w) else DEQUANTIZED
-    if entry.contract and len(entry.weights) == 1 and integer_eligible(
-            entry.rule.weight, entry.rule.input, hparams, jnp.ndim(w), entry.contract):
-        return INT8 if current_product() == "int8" else FUSED_FLOAT
-    return FAKE_QUANT
+        with nn.intercept_methods(interceptor):
+            return self.model.apply(model_vars, *args, **kwargs)
 
 
 def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None = None, **kwargs) -> dict:
     """Trained variables -> serving variables: each quantized weight becomes a QArray with its codes packed
-    in uint32 words (along the contraction axis K for Dense-like layers, else the longest axis,
-    :func:`qjax.serving.pack_axis`) and its scales, exactly the codes and scales that QAT used. ``args``
-    are sample inputs (shapes only matter). Learned weight scales are folded into the QArrays; learned
-    *input* scales stay in the ``quant`` collection (the frozen model still quantizes its inputs)."""
+    in uint32 words (along the contraction axis K for Dense-like layers, else the axis needing the fewest
+    words, :func:`qjax.serving.pack_axis`), exactly the codes and scales that QAT used, one set per layer of
+    a stacked (scanned) module, inside the weight's partitioning box if it has one. ``args`` are sample
+    inputs (shapes only matter). Learned weight scales are folded into the QArrays; learned *input* scales
+    stay in the ``quant`` collection (the frozen model still quantizes its inputs)."""
     hparams = qat.check_hparams(hparams)
     table = qmodel.table(variables, *args, **kwargs)
     quant = variables.get("quant", {})
@@ -365,15 +375,27 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
     for entry in table.values():
         for name in entry.weights:
             where = (*entry.path, name)
-            w = get_path(params, where)
-            if isinstance(w, QArray):
+            box = get_path(params, where)
+            w = unbox(box)
+            if w is None or isinstance(w, QArray):
                 continue
             q = entry.rule.weight
-            qa = quantize(q, w, scale=get_path(quant, where), **qat.surrogate_kwargs(q, hparams))
-            params = set_path(params, where, pack_for_serving(qa, entry.contract))
+
+            def one(v, s, q=q, contract=entry.contract):
+                return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
+
+            params = set_path(params, where, rebox(box, stacked_map(one, entry.stacked)(w, get_path(quant,
+                                                                                                  where))))
     return serving_variables(variables, params)
 
 
-def quantize_model(model: nn.Module, rules, *, warn_unused: bool = True) -> QuantizedModel:
-    """Wrap a Linen model so that ``init``/``apply`` quantize it by ``rules`` (module docstring)."""
-    return QuantizedModel(model, rules, warn_unused=warn_unused)
+def quantize_model(model: nn.Module, rules, *, product: str = "auto", backend: str = "auto",
+                   warn_unused: bool = True) -> QuantizedModel:
+    """Wrap a Linen model so that ``init``/``apply`` quantize it by ``rules`` (module docstring).
+
+    ``product``: the fused QAT matmul's product (``"auto"``, ``"int8"``, ``"float"``); ``backend``: the
+    packed-matmul backend of frozen weights (``"auto"``, ``"xla"``, ``"pallas"``, ``"interpret"``). Both are
+    static: a jitted ``qmodel.apply`` runs the program they choose (:class:`qjax.core.Settings`).
+    """
+    return QuantizedModel(model, rules, product=product, backend=backend, warn_unused=warn_unused)
+

@@ -1,58 +1,68 @@
-"""Quantize a Flax NNX model by rules, in place, without cloning it.
+"""Quantize a Flax NNX model by rules, in place, without cloning it (front end of :mod:`qjax.core`).
 
-NNX has no method interception, so ``quantize_model(model, rules)`` gives each matched module a
-quantizing version of the operation it already injects (the model's code is not edited and its parameter
-buffers are neither copied nor replaced):
+``hparams = quantize_model(model, rules, *example_args)`` finds, from one abstract trace of
+``model(*example_args)`` (no FLOPs, :mod:`qjax.discovery`), which modules contract which of their own
+parameters, assigns the rules (:func:`qjax.rules.assign`), and only then changes the model:
 
-=======================================  ===========================  ===============================
-module                                   attribute replaced           quantized operands
-=======================================  ===========================  ===============================
-``nnx.Linear``, ``nnx.LinearGeneral``    ``dot_general``              input (lhs), kernel (rhs)
-``nnx.Conv``, ``nnx.ConvTranspose``      ``conv_general_dilated``     input (lhs), kernel (rhs)
-``nnx.Einsum``                           ``einsum_op``                input, kernel
-``nnx.MultiHeadAttention``               ``attention_fn``             query, key, value (activations)
-=======================================  ===========================  ===============================
+- every module's class is swapped for a cached subclass of the same name whose ``__call__`` (and public
+  methods of the model's own classes, e.g. an embedder's ``decode``) runs the original method inside
+  :func:`qjax.interception.intercepting`, with a :class:`qjax.core.Call` for a quantized module and a
+  shield for a float one; the model's code is not edited and no parameter buffer is copied or replaced;
+- each module remembers its :class:`~qjax.core.ModuleEntry` and :class:`~qjax.core.Settings` as a static
+  attribute (part of the graph definition, so ``nnx.jit`` compiles per setting, and ``nnx.scan`` over
+  ``nnx.vmap``-stacked layers carries it into the scanned copies);
+- learned scales (LSQ steps, BiPer's alpha) are :class:`QuantScale` variables on the module
+  (``<param>_qscale``, ``input_qscale``), created here from the weights and the example input, one per
+  stacked layer;
+- per-step hyperparameters live in one :class:`Hyperparams` module at the root (``model.qjax_hparams``),
+  outside any scanned stack, and reach every quantized call made through the root's call.
 
-The injected :class:`QuantizedOp` is itself an ``nnx.Module``: learned scales are :class:`QuantScale`
-variables inside it, and every op shares one :class:`Hyperparams` module whose variables (``o``, ``omega``,
-``enabled``, ...; see :mod:`qjax.qat`) are traced under ``nnx.jit``, so a schedule never recompiles.
-A learned *input* scale is created by the module's first call, from that batch (LSQ's data-dependent
-start): run one forward pass before building the optimizer, so that ``nnx.Optimizer`` sees it.
-``unquantize_model`` restores the original operations. ``freeze(model)`` replaces each quantized weight by a
-:class:`PackedWeight` (packed QArray codes + scales); Linear and LinearGeneral layers then run on the packed
-matmul. Learned scales train with ``nnx.grad(..., argnums=nnx.DiffState(0, (nnx.Param, QuantScale)))``.
+``freeze(model)`` replaces each quantized weight by a :class:`PackedWeight` (packed QArray codes and
+scales, per stacked layer), in place; ``paths(model)`` says how each quantized contraction runs;
+``unquantize_model(model)`` restores the original classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qjax import qat
+from qjax.core import (
+    AT_MODULE,
+    DEQUANTIZED,
+    FAKE_QUANT,
+    FUSED_PATHS,
+    PACKED,
+    Call,
+    ModuleEntry,
+    Settings,
+    Weight,
+    execution_path,
+    initial_weight_scale,
+    stacked_map,
+)
+from qjax.discovery import contracted_leaves
+from qjax.interception import intercepting
 from qjax.qarray import QArray, dequantize
-from qjax.quantizer import Quantizer, quantize
-from qjax.rules import Rule, check_rules, format_table
-from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
+from qjax.quantizer import quantize
+from qjax.rules import assign, check_rules, format_table
+from qjax.serving import pack_for_serving
 
-OP_ATTRIBUTES: dict[str, str] = {
-    "Linear": "dot_general",
-    "LinearGeneral": "dot_general",
-    "Conv": "conv_general_dilated",
-    "ConvTranspose": "conv_general_dilated",
-    "Einsum": "einsum_op",
-    "MultiHeadAttention": "attention_fn",
-}
+__all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FUSED_PATHS", "PACKED", "Hyperparameter", "Hyperparams",
+           "PackedWeight", "QuantScale", "dry_run", "freeze",
+           "module_table", "paths", "quantize_model", "summary_params", "unquantize_model"]
 
-
-_DEFAULT_OPS: dict[str, Callable[[], Callable]] = {  # what a module uses when its attribute is None
-    "dot_general": lambda: jax.lax.dot_general,
-    "conv_general_dilated": lambda: jax.lax.conv_general_dilated,
-    "einsum_op": lambda: jnp.einsum,
-    "attention_fn": lambda: nnx.dot_product_attention,
-}
+CONFIG = "_qjax_config"
+HPARAMS = "qjax_hparams"
+INPUT_SCALE = "input_qscale"
 
 
 class PackedWeight(nnx.Variable):
@@ -60,7 +70,8 @@ class PackedWeight(nnx.Variable):
     gives the dequantized array, so a module that reads its kernel works unchanged."""
 
     def get_value(self, *, index=None):
-        value = dequantize(self.get_raw_value())
+        raw = self.get_raw_value()
+        value = dequantize(raw) if isinstance(raw, QArray) else raw
         return value if index is None or index is Ellipsis else value[index]
 
     @property
@@ -96,170 +107,357 @@ class Hyperparams(nnx.Module):
         return {k: v.get_value() for k, v in vars(self).items() if isinstance(v, Hyperparameter)}
 
 
-class QuantizedOp(nnx.Module):
-    """A module's contraction (``dot_general``, conv, einsum or attention) with quantized operands."""
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """What a swapped module knows (static, hashable): its entry, the settings, whether it is the root."""
 
-    def __init__(self, original: Callable | None, type_name: str, rule: Rule, hparams: Hyperparams,
-                 weight: jax.Array | None):
-        self.original = original
-        self.op = original if original is not None else _DEFAULT_OPS[OP_ATTRIBUTES[type_name]]()
-        self.type_name = type_name
-        self.rule = rule
-        self.hparams = hparams
-        learned = qat.needs_state(rule.weight) and weight is not None
-        self.weight_scale = nnx.data(QuantScale(qat.initial_scale(rule.weight, weight)) if learned else None)
-        self.input_scale = nnx.data(None)
-        self.frozen = nnx.data(None)  # the module's PackedWeight once frozen
-
-    def _scale(self, variable):
-        return None if variable is None else variable.get_value()
-
-    def _input(self, q: Quantizer | None, x, hp):
-        if q is None:
-            return x
-        if q is self.rule.input and qat.needs_state(q) and self.input_scale is None:
-            # LSQ's data-dependent start, from the first batch this module sees (``2 mean|x| / sqrt(fmax)``)
-            self.input_scale = QuantScale(qat.initial_scale(q, jax.lax.stop_gradient(x)))
-        return qat.quantize_input(q, x, self._scale(self.input_scale), hp)
-
-    def _weight(self, w, hp):
-        if self.rule.weight is None:
-            return w
-        return qat.quantize_weight(self.rule.weight, w, self._scale(self.weight_scale), hp)
-
-    def _frozen_call(self, x, w, dims, **kwargs):
-        contracting, batch = dims
-        single = contracting == ((x.ndim - 1,), (0,)) and batch == ((), ())
-        if self.type_name in ("Linear", "LinearGeneral") and single and packed_layout(self.frozen.qarray):
-            dtype = kwargs.get("preferred_element_type") or x.dtype
-            return frozen_matmul(x, self.frozen.qarray).astype(dtype)
-        return self.op(x, w, dims, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        hp = self.hparams.as_dict()
-        if self.frozen is not None and self.type_name not in ("Einsum", "MultiHeadAttention"):
-            x, w, dims, *rest = args
-            kwargs = {k: v for k, v in kwargs.items() if k != "out_sharding" or v is not None}
-            x = self._input(self.rule.input, x, hp)
-            if self.type_name in ("Linear", "LinearGeneral"):
-                return self._frozen_call(x, w, dims, *rest, **kwargs)
-            return self.op(x, w, dims, *rest, **kwargs)
-        if self.frozen is not None and self.type_name == "Einsum":
-            subscripts, x, w, *rest = args
-            return self.op(subscripts, self._input(self.rule.input, x, hp), w, *rest, **kwargs)
-        if self.type_name == "MultiHeadAttention":
-            q = self.rule.activations
-            args = tuple(self._input(q, a, hp) if i < 3 else a for i, a in enumerate(args))
-            return self.op(*args, **kwargs)
-        if self.type_name == "Einsum":
-            subscripts, x, w, *rest = args
-            return self.op(subscripts, self._input(self.rule.input, x, hp), self._weight(w, hp), *rest,
-                           **kwargs)
-        x, w, *rest = args
-        return self.op(self._input(self.rule.input, x, hp), self._weight(w, hp), *rest, **kwargs)
+    entry: ModuleEntry | None
+    settings: Settings
+    root: bool = False
 
 
-def _module_weight(module: nnx.Module, names: tuple[str, ...]):
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, nnx.Param):
-            return value.get_value()
-    return None
+# --- calls --------------------------------------------------------------------------------------------
+
+_local = threading.local()  # .hparams: the root call's hyperparameters; .record: the record pass's table
 
 
-def module_table(model: nnx.Module, rules) -> dict[str, tuple[str, Rule | None]]:
-    """Module path -> (class name, matched rule) for every module that owns a weight or that a rule names."""
-    rules = check_rules(rules)
-    table = {}
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, QuantizedOp | Hyperparams):
+@contextlib.contextmanager
+def _setting(name: str, value) -> Iterator[None]:
+    old = getattr(_local, name, None)
+    setattr(_local, name, value)
+    try:
+        yield
+    finally:
+        setattr(_local, name, old)
+
+
+def _scale_name(param: str) -> str:
+    return f"{param}_qscale"
+
+
+def _value(module, name):
+    var = getattr(module, name, None)
+    return var.get_value() if isinstance(var, nnx.Variable) else None
+
+
+def _record_call(module, method, args, kwargs):
+    """Record pass: which own parameters the call contracts, by which op, at which shapes."""
+    path = getattr(module, CONFIG)
+    table = _local.record
+    own = {k: v.get_value() for k, v in vars(module).items()
+           if isinstance(v, nnx.Variable) and hasattr(v.get_raw_value(), "shape")}
+    record = table.setdefault(path, {"type": type(module).__name__, "params": tuple(own), "shapes": {},
+                                     "uses": {}, "inputs": None})
+    record["shapes"].update({k: jnp.shape(v) for k, v in own.items()})
+    if record["inputs"] is None and args and hasattr(args[0], "dtype"):
+        record["inputs"] = args[0]
+    weights = {k: Weight(k, v, v) for k, v in own.items()}
+    with intercepting(Call(None, weights, {}, Settings(), recorder=record["uses"]).handle):
+        return method(module, *args, **kwargs)
+
+
+def _quantized_call(module, method, args, kwargs):
+    config: _Config = getattr(module, CONFIG)
+    if config.root and hasattr(module, HPARAMS):
+        with _setting("hparams", getattr(module, HPARAMS).as_dict()):
+            return _module_call(module, config, method, args, kwargs)
+    return _module_call(module, config, method, args, kwargs)
+
+
+def _module_call(module, config: _Config, method, args, kwargs):
+    entry = config.entry
+    if entry is None or entry.rule is None:
+        with intercepting(None):
+            return method(module, *args, **kwargs)
+    hparams = getattr(_local, "hparams", None) or {}
+    rule = entry.rule
+    weights, restore = {}, []
+    for name in entry.weights:
+        var = getattr(module, name)
+        raw = var.get_raw_value()
+        scale = _value(module, _scale_name(name))
+        if isinstance(raw, QArray):  # frozen: the module reads this dequantized array
+            value = dequantize(raw)
+            var.set_raw_value(value)
+            restore.append((var, raw))
+            weights[name] = Weight(name, None, value, None, raw)
+        elif not entry.intercepted:  # contracted by `x @ w`: quantized where it is stored
+            var.set_raw_value(qat.quantize_weight(rule.weight, raw, scale, hparams))
+            restore.append((var, raw))
+        else:
+            weights[name] = Weight(name, var.get_value(), var.get_value(), scale)
+    input_scale = _value(module, INPUT_SCALE)
+    if not entry.intercepted and rule.input is not None and args:
+        args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
+    try:
+        with intercepting(Call(entry, weights, hparams, config.settings, input_scale).handle):
+            return method(module, *args, **kwargs)
+    finally:
+        for var, raw in restore:
+            var.set_raw_value(raw)
+
+
+def _wrap(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if getattr(_local, "record", None) is not None:
+            return _record_call(self, method, args, kwargs)
+        return _quantized_call(self, method, args, kwargs)
+
+    wrapper.__qjax_original__ = method
+    return wrapper
+
+
+def _methods(cls: type) -> dict[str, object]:
+    """``__call__`` and the public methods of the model's own (non-Flax) classes."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if klass in (object, nnx.Module) or not issubclass(klass, nnx.Module):
             continue
-        name, type_name = "/".join(str(p) for p in path), type(module).__name__
-        rule = None
-        for r in rules:
-            owns = _module_weight(module, r.weight_names) is not None
-            if r.matches(name, type_name) and (owns or r.types):
-                rule = r
-                break
-        if rule is not None or _module_weight(module, ("kernel",)) is not None:
-            table[name] = (type_name, rule)
-    return table
+        own_code = not klass.__module__.startswith("flax.")
+        for name, value in vars(klass).items():
+            if callable(value) and not isinstance(value, type | staticmethod | classmethod | property) and (
+                    name == "__call__" or (own_code and not name.startswith("_"))):
+                out[name] = value
+    return out
 
 
-def dry_run(model: nnx.Module, rules) -> str:
+@functools.cache
+def _swapped_class(cls: type) -> type:
+    """A subclass of ``cls`` with the same name whose methods run through qjax (module docstring)."""
+    namespace = {name: _wrap(fn) for name, fn in _methods(cls).items()}
+    namespace.update(__qualname__=cls.__qualname__, __module__=cls.__module__, __qjax_base__=cls)
+    return type(cls)(cls.__name__, (cls,), namespace)
+
+
+def _swap(module: nnx.Module, config) -> None:
+    object.__setattr__(module, CONFIG, config)
+    if not hasattr(type(module), "__qjax_base__"):
+        object.__setattr__(module, "__class__", _swapped_class(type(module)))
+
+
+def _unswap(module: nnx.Module) -> None:
+    base = getattr(type(module), "__qjax_base__", None)
+    if base is not None:
+        object.__setattr__(module, "__class__", base)
+    if CONFIG in vars(module):
+        object.__delattr__(module, CONFIG)
+
+
+def _modules(model: nnx.Module):
+    return [("/".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model)
+            if not isinstance(m, Hyperparams)]
+
+
+# --- tables -------------------------------------------------------------------------------------------
+
+def _record(model: nnx.Module, args, kwargs) -> tuple[dict, dict]:
+    """One abstract trace of ``model(*args)`` on a merged copy: per module path its record, and the
+    ``(module path, attribute)`` pairs whose values reach a contraction."""
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    names = []
+    for key_path, _ in flat:
+        keys = [str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+        names.append(("/".join(keys[:-1]), keys[-1]))
+    records: dict = {}
+
+    def run(leaves):
+        copy = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+        for path, m in _modules(copy):
+            _swap(m, path)
+        with _setting("record", records):
+            out = copy(*args, **kwargs)
+        for rec in records.values():
+            rec["inputs"] = None  # tracers of this trace must not outlive it
+        return out
+
+    contracted = {names[i] for i in contracted_leaves(run, [leaf for _, leaf in flat])}
+    stored = {}
+    for (path, attr), (_, leaf) in zip(names, flat, strict=True):
+        stored.setdefault((path, attr), jnp.shape(leaf))
+    return records, {"contracted": contracted, "stored": stored}
+
+
+def _entries(model: nnx.Module, args, kwargs) -> list[ModuleEntry]:
+    records, found = _record(model, args, kwargs)
+    entries = []
+    for path, _ in _modules(model):
+        rec = records.get(path)
+        if rec is None:
+            continue
+        hit = tuple(p for p in rec["params"] if (path, p) in found["contracted"])
+        stacked = max((len(found["stored"][(path, p)]) - len(rec["shapes"][p]) for p in hit
+                       if (path, p) in found["stored"]), default=0)
+        entries.append(ModuleEntry(tuple(path.split("/")) if path else (), rec["type"], rec["params"], hit,
+                                   tuple(sorted(rec["uses"].items())), max(stacked, 0)))
+    return entries
+
+
+def module_table(model: nnx.Module, rules, *args, **kwargs) -> dict[str, ModuleEntry]:
+    """Module path -> :class:`~qjax.core.ModuleEntry` with its rule, for ``model(*args, **kwargs)``.
+    A quantized model answers from what it was quantized with (``args`` unused)."""
+    if _configs(model):
+        return {name: config.entry for name, config in _configs(model).items() if config.entry is not None}
+    _need_example(args, kwargs, "module_table")
+    return assign(check_rules(rules), _entries(model, args, kwargs), warn=False)
+
+
+def dry_run(model: nnx.Module, rules, *args, **kwargs) -> str:
     """The printable table of module path -> rule for ``model`` (``-`` for float)."""
-    return format_table({path: rule for path, (_, rule) in module_table(model, rules).items()})
+    return format_table({p: e.rule for p, e in module_table(model, rules, *args, **kwargs).items()})
 
 
-def quantize_model(model: nnx.Module, rules, *, hparams: dict | None = None,
-                   warn_unused: bool = True) -> Hyperparams:
-    """Quantize ``model`` in place by ``rules``; returns the shared :class:`Hyperparams` (declare each
-    per-step hyperparameter you will change, e.g. ``hparams={"o": 1.0}``)."""
+def _need_example(args, kwargs, who: str) -> None:
+    if not args and not kwargs:
+        raise ValueError(f"qjax.nnx.{who} needs example inputs for the model's call (e.g. "
+                         f"{who}(model, rules, x)): qjax finds which modules contract which parameters "
+                         "by tracing one call")
+
+
+def _configs(model: nnx.Module) -> dict[str, _Config]:
+    return {path: getattr(m, CONFIG) for path, m in _modules(model) if isinstance(getattr(m, CONFIG, None),
+                                                                                  _Config)}
+
+
+# --- the transform ------------------------------------------------------------------------------------
+
+def quantize_model(model: nnx.Module, rules, *args, hparams: dict | None = None, product: str = "auto",
+                   backend: str = "auto", warn_unused: bool = True, **kwargs) -> Hyperparams:
+    """Quantize ``model`` in place by ``rules``; ``args``/``kwargs`` are example inputs of its call.
+
+    Returns the shared :class:`Hyperparams` (declare each per-step hyperparameter you will change, e.g.
+    ``hparams={"o": 1.0}``). ``product`` and ``backend`` are static settings (:class:`qjax.core.Settings`).
+    Raises ``ValueError`` before changing anything for a model already quantized, a rule naming a module
+    qjax cannot quantize, or missing example inputs.
+    """
     if not isinstance(model, nnx.Module):
         raise ValueError(f"qjax.nnx.quantize_model expects an nnx.Module, got {type(model).__name__}")
+    if _configs(model):
+        raise ValueError("the model is already quantized; call qjax.nnx.unquantize_model first")
     rules = check_rules(rules)
+    settings = Settings(product, backend)
     shared = Hyperparams(**(hparams or {}))
-    table = module_table(model, rules)
-    modules = dict(("/".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model))
-    for name, (type_name, rule) in table.items():
-        if rule is None:
-            continue
-        if type_name not in OP_ATTRIBUTES:
-            raise ValueError(f"module {name!r} of type {type_name} matched rule {rule.label!r}, but qjax "
-                             f"cannot quantize it in place; allowed types: {', '.join(OP_ATTRIBUTES)}")
-        module = modules[name]
-        attribute = OP_ATTRIBUTES[type_name]
-        op = getattr(module, attribute)
-        if isinstance(op, QuantizedOp):
-            raise ValueError(f"module {name!r} is already quantized; call unquantize_model first")
-        if getattr(module, "dot_general_cls", None) is not None:
-            raise ValueError(f"module {name!r} sets dot_general_cls, which qjax cannot wrap; allowed: "
-                             "modules that use their dot_general attribute")
-        weight = _module_weight(module, rule.weight_names)
-        setattr(module, attribute, nnx.data(QuantizedOp(op, type_name, rule, shared, weight)))
-    if warn_unused:
-        used = {id(rule) for _, rule in table.values()}
-        unused = [r.label for r in rules if id(r) not in used]
-        if unused:
-            import warnings
-
-            warnings.warn(f"qjax rules matched no module: {unused}; modules: {sorted(table)[:20]}",
-                          stacklevel=2)
+    _need_example(args, kwargs, "quantize_model")
+    entries = _entries(model, args, kwargs)
+    table = assign(rules, entries, warn=warn_unused)
+    learned_inputs = [e for e in table.values() if e.rule is not None and qat.needs_state(e.rule.input)]
+    for e in learned_inputs:
+        if e.stacked:
+            raise ValueError(f"module {e.name!r}: learned input scales of layers stacked by scan are not "
+                             "supported; use a computed input scale rule")
+    input_scales = _initial_input_scales(model, learned_inputs, args, kwargs) if learned_inputs else {}
+    modules = dict(_modules(model))
+    for path, module in modules.items():
+        entry = table.get(path)
+        if entry is not None and entry.rule is not None and qat.needs_state(entry.rule.weight):
+            for name in entry.weights:
+                scale = initial_weight_scale(entry.rule.weight, _value(module, name), entry.stacked)
+                setattr(module, _scale_name(name), QuantScale(scale))
+        if path in input_scales:
+            setattr(module, INPUT_SCALE, QuantScale(input_scales[path]))
+        _swap(module, _Config(entry, settings, root=(path == "")))
+    setattr(model, HPARAMS, shared)
     return shared
 
 
-def freeze(model: nnx.Module) -> None:
+def _initial_input_scales(model, entries, args, kwargs) -> dict[str, jax.Array]:
+    """LSQ's data-dependent start ``2 mean|x| / sqrt(fmax)`` of each learned input scale, from the example
+    input each module gets (one jitted pass on a merged copy)."""
+    wanted = {e.name: e.rule.input for e in entries}
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        records: dict = {}
+        copy = nnx.merge(graphdef, state)
+        for path, m in _modules(copy):
+            _swap(m, path)
+        with _setting("record", records):
+            copy(*args, **kwargs)
+        return {p: qat.initial_scale(q, jax.lax.stop_gradient(records[p]["inputs"]))
+                for p, q in wanted.items() if records.get(p, {}).get("inputs") is not None}
+
+    return run(state)
+
+
+def paths(model: nnx.Module) -> dict[str, str]:
+    """Module path -> how its contraction runs (:func:`qjax.core.execution_path`)."""
+    hparams = getattr(model, HPARAMS).as_dict() if hasattr(model, HPARAMS) else {}
+    out = {}
+    modules = dict(_modules(model))
+    for name, config in _configs(model).items():
+        entry = config.entry
+        if entry is None or entry.rule is None:
+            continue
+        raw = getattr(modules[name], entry.weights[0]).get_raw_value() if entry.weights else None
+        ndim = None if raw is None else len(raw.shape) - entry.stacked
+        out[name] = execution_path(entry, hparams, config.settings,
+                                   raw if isinstance(raw, QArray) else None, ndim)
+    return out
+
+
+def summary_params(model: nnx.Module) -> tuple[dict, dict[str, str]]:
+    """The model's parameters (float or :class:`PackedWeight` QArrays) as a nested dict by module path, and
+    module path -> rule label, for :func:`qjax.summary.summary`."""
+    params: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, PackedWeight))):
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = var.get_raw_value()
+    labels = {name: config.entry.rule.label for name, config in _configs(model).items()
+              if config.entry is not None and config.entry.rule is not None}
+    return params, labels
+
+
+def freeze(model: nnx.Module, *, backend: str | None = None) -> None:
     """Turn a quantized model's trained weights into packed QArrays, in place.
 
     Each weight a rule quantizes becomes a :class:`PackedWeight` holding exactly the codes and scales that
-    QAT used (learned scales folded in), packed in uint32 words (:func:`qjax.serving.pack_axis`); Linear
-    and single-axis LinearGeneral layers with integer codes then run on :func:`kernels_pallas.packed_matmul`,
-    other modules read the dequantized weight. Inputs keep their QAT quantizers.
+    QAT used (learned scales folded in; one set per layer of a stacked module), packed in uint32 words
+    along the contraction axis for Dense-like layers (:func:`qjax.serving.pack_axis`), its variable
+    metadata kept. Linear-like layers then run on :func:`kernels_pallas.packed_matmul` (``backend``, or the
+    one given to :func:`quantize_model`); inputs keep their QAT quantizers. One weight at a time: no second
+    copy of the model's weights is held.
     """
-    for _, module in nnx.iter_modules(model):
-        attribute = OP_ATTRIBUTES.get(type(module).__name__)
-        op = getattr(module, attribute, None) if attribute else None
-        if not isinstance(op, QuantizedOp) or op.rule.weight is None or op.frozen is not None:
+    configs = _configs(model)
+    if not configs:
+        raise ValueError("qjax.nnx.freeze: the model is not quantized; call qjax.nnx.quantize_model first")
+    hparams = getattr(model, HPARAMS).as_dict() if hasattr(model, HPARAMS) else {}
+    modules = dict(_modules(model))
+    for name, config in configs.items():
+        module, entry = modules[name], config.entry
+        if backend is not None:
+            settings = dataclasses.replace(config.settings, backend=backend)
+            config = dataclasses.replace(config, settings=settings)
+            object.__setattr__(module, CONFIG, config)
+        if entry is None or entry.rule is None:
             continue
-        names = op.rule.weight_names
-        name = next((n for n in names if isinstance(getattr(module, n, None), nnx.Param)), None)
-        if name is None:
-            continue
-        q = op.rule.weight
-        hp = op.hparams.as_dict()
-        qa = quantize(q, getattr(module, name).get_value(), scale=op._scale(op.weight_scale),
-                      **qat.surrogate_kwargs(q, hp))
-        single = isinstance(module, nnx.LinearGeneral) and len(module.axis) == 1
-        contract = 1 if isinstance(module, nnx.Linear) or single else 0
-        packed = PackedWeight(pack_for_serving(qa, contract))
-        setattr(module, name, packed)
-        op.frozen = packed
-        op.weight_scale = None
+        for param in entry.weights:
+            var = getattr(module, param)
+            if isinstance(var, PackedWeight):
+                continue
+            q = entry.rule.weight
+
+            def one(v, s, q=q, contract=entry.contract):
+                return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
+
+            qa = stacked_map(one, entry.stacked)(var.get_value(), _value(module, _scale_name(param)))
+            setattr(module, param, PackedWeight(qa, **var.get_metadata()))
+            if hasattr(module, _scale_name(param)):
+                delattr(module, _scale_name(param))
 
 
 def unquantize_model(model: nnx.Module) -> None:
-    """Undo :func:`quantize_model` in place: every :class:`QuantizedOp` gives back the original op."""
-    for _, module in nnx.iter_modules(model):
-        attribute = OP_ATTRIBUTES.get(type(module).__name__)
-        if attribute and isinstance(getattr(module, attribute, None), QuantizedOp):
-            setattr(module, attribute, nnx.static(getattr(module, attribute).original))
+    """Undo :func:`quantize_model` in place (classes restored, scales and hyperparameters removed). A
+    frozen model cannot be unquantized (its float weights are gone)."""
+    for _, module in _modules(model):
+        if any(isinstance(v, PackedWeight) for v in vars(module).values()):
+            raise ValueError("qjax.nnx.unquantize_model: the model is frozen; its float weights are gone")
+    for _, module in _modules(model):
+        for k in [k for k, v in vars(module).items() if isinstance(v, QuantScale)]:
+            delattr(module, k)
+        _unswap(module)
+    if hasattr(model, HPARAMS):
+        delattr(model, HPARAMS)

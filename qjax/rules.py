@@ -68,24 +68,43 @@ class Rule:
     def matches(self, path: str, type_name: str) -> bool:
         return re.fullmatch(self.path, path) is not None and (not self.types or type_name in self.types)
 
+    def applies_to(self, contracted: Sequence[str]) -> bool:
+        """Whether the rule can quantize a module that contracts the parameters ``contracted``: one of them
+        is in ``weight_names``, or the rule quantizes activation x activation contractions."""
+        return any(p in self.weight_names for p in contracted) or self.activations is not None
 
-def match(rules: Sequence[Rule], path: str, type_name: str) -> Rule | None:
-    """The first rule matching a module, or ``None``."""
+
+def match(rules: Sequence[Rule], path: str, type_name: str, contracted: Iterable[str] = ()) -> Rule | None:
+    """The first rule that matches a module and can apply to it (:meth:`Rule.applies_to`), or ``None``."""
+    contracted = tuple(contracted)
     for rule in rules:
-        if rule.matches(path, type_name):
+        if rule.matches(path, type_name) and rule.applies_to(contracted):
             return rule
     return None
 
 
-def assign(rules: Sequence[Rule], modules: Iterable[tuple[str, str]], warn: bool = True
-           ) -> dict[str, Rule | None]:
-    """The table module path -> matching rule (or ``None``) for ``(path, type_name)`` pairs.
+def assign(rules: Sequence[Rule], entries: Iterable, warn: bool = True) -> dict:
+    """The table module path -> entry with its rule set (``None``: float), for module entries with
+    ``name``, ``type_name``, ``params`` and ``contracted`` (the parameters the module contracts) fields
+    (:class:`qjax.core.ModuleEntry`). The one rule matcher of both front ends.
 
-    Warns, naming them, about rules that matched no module.
+    Raises ``ValueError`` (before anything is changed) for a rule that names a module by type but cannot
+    apply to it (it contracts none of the rule's ``weight_names``: a typo, or a module that only looks its
+    parameter up); warns, naming them, about rules that matched no module.
     """
     rules = check_rules(rules)
-    table = {path: match(rules, path, type_name) for path, type_name in modules}
-    unused = [r.label for r in rules if not any(r is hit for hit in table.values())]
+    table = {}
+    for entry in entries:
+        rule = match(rules, entry.name, entry.type_name, entry.contracted)
+        if rule is None:
+            for r in rules:
+                if r.types and r.matches(entry.name, entry.type_name):
+                    raise ValueError(
+                        f"rule {r.label!r} names module {entry.name!r} ({entry.type_name}), but qjax cannot "
+                        f"quantize it: it contracts none of weight_names={list(r.weight_names)}; its "
+                        f"parameters: {list(entry.params)}, contracted: {list(entry.contracted)}")
+        table[entry.name] = dataclasses.replace(entry, rule=rule)
+    unused = [r.label for r in rules if not any(r is e.rule for e in table.values())]
     if warn and unused:
         warnings.warn(f"qjax rules matched no module: {unused}; module paths: {sorted(table)[:20]}",
                       stacklevel=3)

@@ -5,48 +5,20 @@ and scaled per tensor, per output channel or per group along K, runs on
 :func:`kernels_pallas.packed_matmul` without ever materialising the float weight. Other frozen weights
 (NF4, fp8, multi-basis, other layouts) are dequantized first. Shared by the Linen and NNX transforms.
 
-Which kernel backend a frozen model runs is chosen like ``jax.default_matmul_precision``: a context manager,
-:func:`kernel_backend`, read when the model is traced::
-
-    with qjax.serving.kernel_backend("interpret"):   # or "xla", "pallas", "auto" (the default)
-        y = jax.jit(qmodel.apply)(frozen, x)
+Which kernel backend a frozen model runs is a static setting of the quantized model
+(``quantize_model(..., backend="interpret")`` or ``qjax.nnx.freeze(model, backend=...)``;
+:class:`qjax.core.Settings`), so a jitted function runs the program its arguments choose.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from qjax.granularity import PerChannel, PerGroup, PerTensor
 from qjax.qarray import QArray
-from qjax.trace_settings import holding
-
-_BACKEND = contextvars.ContextVar("qjax_kernel_backend", default="auto")
-
-
-@contextlib.contextmanager
-def kernel_backend(backend: str) -> Iterator[str]:
-    """Within the block, frozen weights run :func:`kernels_pallas.packed_matmul` with ``backend``.
-
-    ``backend``: ``"auto"`` (default: the Pallas kernel on TPU/GPU, the XLA reference elsewhere), ``"xla"``,
-    ``"pallas"`` or ``"interpret"`` (:mod:`kernels_pallas.backends`). Read at trace time: wrap the first
-    call of a jitted function (a function already traced keeps the backend it was traced with). Nests;
-    thread-safe and async-safe (a :class:`contextvars.ContextVar`).
-    """
-    from kernels_pallas import BACKENDS
-
-    with holding(_BACKEND, backend, BACKENDS, "kernel backend"):
-        yield backend
-
-
-def current_backend() -> str:
-    """The backend :func:`frozen_matmul` uses here: the innermost :func:`kernel_backend`, else ``"auto"``."""
-    return _BACKEND.get()
 
 
 def pack_axis(shape: tuple[int, ...], contract: int, bits: int) -> int:
@@ -89,11 +61,12 @@ def _matrix_scales(w: QArray, values: jax.Array, n: int) -> tuple[jax.Array, int
     return jnp.broadcast_to(values, (1, *w.shape[1:])).reshape(1, n), None
 
 
-def frozen_matmul(x: jax.Array, w: QArray, backend: str | None = None) -> jax.Array:
+def frozen_matmul(x: jax.Array, w: QArray, backend: str = "auto") -> jax.Array:
     """``x (..., K) @ w`` for a frozen ``(K, *features)`` weight: the packed matmul when
     :func:`packed_layout` allows it, else the dequantized weight. float32 ``(..., *features)``.
 
-    ``backend``: the kernel backend; ``None`` reads :func:`current_backend` (see :func:`kernel_backend`).
+    ``backend``: the kernel backend of :func:`kernels_pallas.packed_matmul` (``"auto"``, ``"xla"``,
+    ``"pallas"``, ``"interpret"``).
     """
     layout = packed_layout(w)
     if layout is None:
@@ -106,6 +79,6 @@ def frozen_matmul(x: jax.Array, w: QArray, backend: str | None = None) -> jax.Ar
     words = w.codes.reshape(w.codes.shape[0], n)
     y = kernels_pallas.packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size,
                                      zero_point=zero, signed=w.fmt.signed,
-                                     backend=current_backend() if backend is None else backend)
+                                     backend=backend)
     return y.reshape(*y.shape[:-1], *w.shape[1:])
 

@@ -59,7 +59,10 @@ class Summary:
 
 
 def _leaf_info(value) -> tuple[int, float, int, str]:
-    """(element count, bits per element, real bytes, format label) of one parameter."""
+    """(element count, bits per element, real bytes, format label) of one parameter (read through a
+    partitioning metadata box)."""
+    if hasattr(value, "unbox") and not hasattr(value, "dtype"):
+        value = value.unbox()
     if isinstance(value, QArray):
         count = math.prod(value.shape) * value.bases
         return count, value.fmt.bits, value.nbytes, value.format
@@ -96,9 +99,18 @@ def summarize(params: Mapping, rules_by_path: Mapping[str, str] | None = None) -
     return Summary(tuple(rows))
 
 
-def summary(qmodel, variables: Mapping, *args, **kwargs) -> Summary:
-    """Summary of a Linen :class:`~qjax.linen.QuantizedModel`'s (frozen or float) ``variables``;
-    ``args`` are sample inputs, used to look up which rule each module got."""
+def summary(qmodel, variables: Mapping | None = None, *args, **kwargs) -> Summary:
+    """Summary of a quantized model (print it, or read its rows and totals).
+
+    Linen: ``summary(qmodel, variables, *args)`` for a :class:`~qjax.linen.QuantizedModel`'s (frozen or
+    float) ``variables``; ``args`` are sample inputs, used to look up which rule each module got.
+    NNX: ``summary(model)`` for a model quantized in place by :func:`qjax.nnx.quantize_model` (frozen or not).
+    """
+    if variables is None:
+        from qjax import nnx as qnnx
+
+        params, labels = qnnx.summary_params(qmodel)
+        return summarize(params, labels)
     table = qmodel.table(variables, *args, **kwargs)
     labels = {name: entry.rule.label for name, entry in table.items() if entry.rule is not None}
     return summarize(variables["params"], labels)

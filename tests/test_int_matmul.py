@@ -9,12 +9,11 @@ import pytest
 from qjax import PerChannel, PerGroup, PerTensor, PerToken, Quantizer
 from qjax.int_matmul import (
     _fake_quant_matmul,
-    current_product,
     int8_qat_matmul,
     integer_eligible,
     qat_matmul,
-    qat_product,
 )
+from qjax.machine import int8_product_is_faster, resolve_product
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 64))
 W = jax.random.normal(jax.random.key(1), (64, 4, 6)) * 0.1
@@ -91,29 +90,26 @@ def test_two_contracting_axes_like_attention_out():
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
 
 
-def test_product_context_and_default():
-    # On CPU the default product is the float one (XLA's int8 dot is no faster there); GPU/TPU take int8.
-    assert current_product() == ("int8" if jax.default_backend() in ("gpu", "tpu") else "float")
+def _dot_line(product):
     weight, inputs = ELIGIBLE[0]
-    with qat_product("int8"):
-        assert current_product() == "int8"
-        with qat_product("float"):
-            assert current_product() == "float"
-            hlo = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs)).lower(X, W).as_text()
-            assert "i8>" not in hlo.split("dot_general")[1].split("\n")[0]
-        assert current_product() == "int8"
-        hlo = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs)).lower(X, W).as_text()
-        assert "i8>, tensor<" in hlo.split("dot_general")[1].split("\n")[0]
-    # int8_qat_matmul always takes the integer product
+    hlo = jax.jit(lambda x, w: qat_matmul(x, w, weight, inputs, product=product)).lower(X, W).as_text()
+    return hlo.split("dot_general")[1].split("\n")[0]
+
+
+def test_product_argument_and_auto_by_machine_capability():
+    # "auto": int8 where the machine multiplies int8 faster (GPU, TPU, VNNI/AMX CPUs), else float.
+    assert resolve_product("auto") == ("int8" if int8_product_is_faster() else "float")
+    assert "i8>, tensor<" in _dot_line("int8")
+    assert "i8>" not in _dot_line("float")
+    assert _dot_line("auto") == _dot_line(resolve_product("auto"))
+    weight, inputs = ELIGIBLE[0]
     np.testing.assert_array_equal(int8_qat_matmul(X, W, weight, inputs),
                                   qat_matmul(X, W, weight, inputs, product="int8"))
 
 
 def test_bad_product_names_the_value():
     with pytest.raises(ValueError, match=r"'int4'.*allowed: auto, int8, float"):
-        qat_product("int4").__enter__()  # the name is checked on entering the block
-    with pytest.raises(ValueError, match=r"'auto'.*allowed: int8, float"):
-        qat_matmul(X, W, *ELIGIBLE[0], product="auto")
+        qat_matmul(X, W, *ELIGIBLE[0], product="int4")
 
 
 @pytest.mark.parametrize("product", ["int8", "float"])

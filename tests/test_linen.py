@@ -9,7 +9,6 @@ import pytest
 
 from qjax import PerChannel, PerGroup, PerToken, QArray, Quantizer, fake_quant, quantize
 from qjax import linen as ql
-from qjax.int_matmul import qat_product
 from qjax.rules import Rule
 from tests.flax_models import ResNet, Transformer
 
@@ -114,11 +113,11 @@ def test_enabled_zero_is_the_float_model():
     on = qmodel.apply(variables, X, hparams={"enabled": 1.0})  # the fake-quant float path
     assert qmodel.paths(variables, X, hparams={"enabled": 1.0})["Dense_0"] == ql.FAKE_QUANT
     assert qmodel.paths(variables, X)["Dense_0"] in ql.FUSED_PATHS
-    with qat_product("int8"):
-        assert qmodel.paths(variables, X)["Dense_0"] == ql.INT8
-        np.testing.assert_allclose(on, qmodel.apply(variables, X), rtol=1e-5, atol=1e-6)
-    with qat_product("float"):
-        assert qmodel.paths(variables, X)["Dense_0"] == ql.FUSED_FLOAT
+    int8 = ql.quantize_model(MLP(), [Rule(".*", weight=RESTE, input=A8)], product="int8")
+    assert int8.paths(variables, X)["Dense_0"] == ql.INT8
+    np.testing.assert_allclose(on, int8.apply(variables, X), rtol=1e-5, atol=1e-6)
+    fused = ql.quantize_model(MLP(), [Rule(".*", weight=RESTE, input=A8)], product="float")
+    assert fused.paths(variables, X)["Dense_0"] == ql.FUSED_FLOAT
     np.testing.assert_allclose(on, qmodel.apply(variables, X), rtol=1e-5, atol=1e-6)
 
 

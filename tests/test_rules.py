@@ -5,6 +5,7 @@ import warnings
 import pytest
 
 from qjax import PerChannel, PerGroup, PerToken, Quantizer
+from qjax.core import ModuleEntry
 from qjax.rules import Rule, assign, format_table, match, rules_from_json, rules_to_json
 
 W4 = Quantizer("int4", PerGroup(0, 32))
@@ -14,10 +15,15 @@ BIN = Quantizer("binary", PerChannel(-1), "mean_abs", "reste")
 def test_first_match_wins_and_types():
     rules = [Rule(r".*head", weight=W4, name="head"), Rule(r".*", types=("Dense",), weight=BIN),
              Rule(r"block_\d+/.*", weight=W4)]
-    assert match(rules, "lm_head", "Dense").name == "head"
-    assert match(rules, "block_0/mlp_in", "Dense") is rules[1]
-    assert match(rules, "block_0/attention/query", "DenseGeneral") is rules[2]
-    assert match(rules, "embed", "Embed") is None
+    k = ("kernel",)
+    assert match(rules, "lm_head", "Dense", k).name == "head"
+    assert match(rules, "block_0/mlp_in", "Dense", k) is rules[1]
+    assert match(rules, "block_0/attention/query", "DenseGeneral", k) is rules[2]
+    assert match(rules, "embed", "Embed", ()) is None  # looked up, never contracted
+
+
+def entry(path, type_name="Dense", params=("kernel", "bias"), contracted=("kernel",)):
+    return ModuleEntry(tuple(path.split("/")), type_name, params, contracted)
 
 
 def test_path_is_a_full_match():
@@ -36,13 +42,29 @@ def test_types_accept_classes():
 def test_assign_table_and_unused_warning():
     rules = [Rule("a", weight=W4), Rule("never", weight=BIN, name="unused-rule")]
     with pytest.warns(UserWarning, match="unused-rule"):
-        table = assign(rules, [("a", "Dense"), ("b", "Dense")])
-    assert table == {"a": rules[0], "b": None}
-    text = format_table(table)
+        table = assign(rules, [entry("a"), entry("b")])
+    assert {k: e.rule for k, e in table.items()} == {"a": rules[0], "b": None}
+    text = format_table({k: e.rule for k, e in table.items()})
     assert "a" in text and "-" in text.splitlines()[-1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assign(rules[:1], [("a", "Dense")])
+        assign(rules[:1], [entry("a")])
+
+
+def test_a_module_is_eligible_by_what_it_contracts():
+    rules = [Rule(".*", weight=W4, weight_names=("kernel", "w"))]
+    table = assign(rules, [entry("lin", "Linear"), entry("einsum", "Einsum", ("w",), ("w",)),
+                           entry("embed", "Embed", ("embedding",), ()),
+                           entry("norm", "LayerNorm", ("scale",), ())])
+    assert [k for k, e in table.items() if e.rule] == ["lin", "einsum"]
+
+
+def test_a_rule_naming_a_module_it_cannot_quantize_is_an_error():
+    with pytest.raises(ValueError, match=r"names module 'proj' \(Dense\).*weight_names=\['kernal'\]"):
+        assign([Rule(".*", types=("Dense",), weight=W4, weight_names=("kernal",))], [entry("proj")])
+    with pytest.raises(ValueError, match=r"names module 'embed' \(Embed\).*contracted: \[\]"):
+        assign([Rule(".*", types=("Embed",), weight=W4, weight_names=("embedding",))],
+               [entry("embed", "Embed", ("embedding",), ())])
 
 
 def test_json_round_trip():

@@ -50,3 +50,29 @@ def test_float_model_summary():
     params = Net().init(jax.random.key(0), X)["params"]
     s = sm.summarize(params)
     assert s.real_bytes == s.theoretical_bytes == 4 * s.params
+
+
+def test_nnx_summary_matches_linen_and_reads_packed_weights():
+    from flax import nnx
+
+    from qjax import nnx as qn
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden, self.head = nnx.Linear(2048, 1024, rngs=rngs), nnx.Linear(1024, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.hidden(x)))
+
+    rules = [Rule("hidden", weight=Quantizer("int4", PerGroup(0, 128)), name="hidden-rule")]
+    model = NnxNet(nnx.Rngs(0))
+    qn.quantize_model(model, rules, X)
+    before = sm.summary(model)
+    assert {r.path: r.rule for r in before.layers} == {"hidden": "hidden-rule", "head": "-"}
+    assert before.real_bytes == 4 * before.params
+    qn.freeze(model)
+    s = sm.summary(model)
+    qmodel = ql.quantize_model(Net(), rules)
+    linen = sm.summary(qmodel, ql.freeze(qmodel, qmodel.init(jax.random.key(0), X), X), X)
+    rows = lambda summary: {r.path: (r.rule, r.bits, r.params, r.real_bytes) for r in summary.layers}
+    assert rows(s) == rows(linen)

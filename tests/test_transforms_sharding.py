@@ -15,7 +15,6 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qjax import PerChannel, PerToken, Quantizer, Rule, linen as ql, nnx as qn
-from qjax.int_matmul import qat_product
 
 mesh = Mesh(np.array(jax.devices()), ("d",))
 rows = NamedSharding(mesh, P("d", None))
@@ -38,10 +37,11 @@ sharded_vars = jax.tree_util.tree_map(
     lambda a: jax.device_put(a, cols if a.ndim == 2 and a.shape[1] % 8 == 0 else NamedSharding(mesh, P())),
     variables)
 for product in ("int8", "float"):
-    with qat_product(product):
-        y = jax.jit(qmodel.apply)(sharded_vars, jax.device_put(x, rows))
-        g = jax.jit(jax.grad(loss))(sharded_vars, jax.device_put(x, rows))
-        out[f"linen_paths_{product}"] = sorted(set(qmodel.paths(variables, x).values()))
+    qp = ql.quantize_model(MLP(), rules, product=product)
+    loss_p = lambda v, x: jnp.sum(qp.apply(v, x) ** 2)
+    y = jax.jit(qp.apply)(sharded_vars, jax.device_put(x, rows))
+    g = jax.jit(jax.grad(loss_p))(sharded_vars, jax.device_put(x, rows))
+    out[f"linen_paths_{product}"] = sorted(set(qp.paths(variables, x).values()))
     out[f"linen_y_{product}"] = float(jnp.max(jnp.abs(y - ref_y)) / jnp.max(jnp.abs(ref_y)))
     out[f"linen_grad_{product}"] = max(
         float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
@@ -58,7 +58,7 @@ class Net(nnx.Module):
         return self.b(jax.nn.relu(self.a(x)))
 
 model = Net(nnx.Rngs(0))
-qn.quantize_model(model, [Rule(".*", weight=Quantizer("binary", PerChannel(-1), "mean_abs", "reste"))])
+qn.quantize_model(model, [Rule(".*", weight=Quantizer("binary", PerChannel(-1), "mean_abs", "reste"))], x)
 ref = nnx.jit(lambda m, x: m(x))(model, x)
 y = nnx.jit(lambda m, x: m(x))(model, jax.device_put(x, rows))
 out["nnx_y"] = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))

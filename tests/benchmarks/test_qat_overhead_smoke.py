@@ -37,12 +37,15 @@ def test_quick_run_writes_json(tmp_path):
         assert row["measured"] and row["median_ms"] > 0 and row["steps"] == 4
         assert row["hlo_dots"] and all(n > 0 for n in row["hlo_dots"].values())
     assert rows["fp32"]["ratio_vs_fp32"] == 1.0
-    # CPU default: the float product of the fake-quant values; the forced int8 product runs int8 dots.
-    assert env["qjax_qat_product_default"] == "float"
-    assert set(rows["qjax_w4a8"]["qjax_reported_paths"]["value"].values()) == {"fused fake-quant float"}
+    # "auto": the int8 product where this CPU has int8 dot instructions, else the float product of the
+    # fake-quant values; the forced int8 product runs int8 dots.
+    auto = env["qjax_qat_product_auto"]
+    assert auto == ("int8" if env["int8_product_is_faster"] else "float")
+    fused = {"int8": "int8 dot_general", "float": "fused fake-quant float"}
+    assert set(rows["qjax_w4a8"]["qjax_reported_paths"]["value"].values()) == {fused[auto]}
     assert set(rows["qjax_w4a8_int8"]["qjax_reported_paths"]["value"].values()) == {"int8 dot_general"}
     assert "s8,s8->s32" in rows["qjax_w4a8_int8"]["hlo_dots"]
-    assert "s8,s8->s32" not in rows["qjax_w4a8"]["hlo_dots"]
+    assert ("s8,s8->s32" in rows["qjax_w4a8"]["hlo_dots"]) == (auto == "int8")
     assert rows["qwix_w1a1"] == {"measured": False, "not_measured": rows["qwix_w1a1"]["not_measured"]}
     if bench.qwix_status()[0] is None:
         assert not rows["qwix_w4a8"]["measured"] and "qwix" in rows["qwix_w4a8"]["not_measured"]

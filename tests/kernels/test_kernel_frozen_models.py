@@ -1,5 +1,6 @@
-"""Frozen Linen and NNX models run their packed weights on the kernel backend chosen with
-``qjax.serving.kernel_backend``, with the same outputs on the Pallas kernel as on the XLA reference."""
+"""Frozen Linen and NNX models run their packed weights on the kernel backend given as their static
+setting (``quantize_model(..., backend=)``, ``qjax.nnx.freeze(model, backend=)``), with the same outputs on
+the Pallas kernel as on the XLA reference; one jitted function under two backends runs two programs."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 import kernels_pallas
-from qjax import PerChannel, PerGroup, PerToken, Quantizer, serving
+from qjax import PerChannel, PerGroup, PerToken, Quantizer
 from qjax import linen as ql
 from qjax import nnx as qn
 from qjax.rules import Rule
@@ -43,18 +44,15 @@ class NnxMLP(nnx.Module):
 
 
 def per_backend(forward, monkeypatch) -> dict[str, jax.Array]:
-    """``forward()`` traced under each backend, counting the Pallas kernel calls of each."""
+    """``forward(backend)`` for each backend, counting the Pallas kernel calls of each."""
     calls = []
     original = kernels_pallas.packed_matmul_pallas
     monkeypatch.setattr(kernels_pallas, "packed_matmul_pallas",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     outputs = {}
     for backend in ("xla", "interpret"):
-        with serving.kernel_backend(backend):
-            assert serving.current_backend() == backend
-            outputs[backend] = forward()
+        outputs[backend] = forward(backend)
         assert len(calls) == (4 if backend == "interpret" else 0), backend  # all four layers on the kernel
-    assert serving.current_backend() == "auto"
     return outputs
 
 
@@ -62,7 +60,11 @@ def test_frozen_linen_model_same_outputs_on_xla_and_interpret(monkeypatch):
     qmodel = ql.quantize_model(LinenMLP(), RULES)
     variables = jax.jit(qmodel.init)(jax.random.key(0), X)
     frozen = ql.freeze(qmodel, variables, X)
-    out = per_backend(lambda: jax.jit(qmodel.apply)(frozen, X), monkeypatch)  # a new jit per backend
+
+    def forward(backend):
+        return jax.jit(ql.quantize_model(LinenMLP(), RULES, backend=backend).apply)(frozen, X)
+
+    out = per_backend(forward, monkeypatch)
     scale = float(jnp.max(jnp.abs(out["xla"])))
     np.testing.assert_allclose(out["interpret"], out["xla"], rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(out["xla"], jax.jit(qmodel.apply)(variables, X), rtol=1e-5, atol=1e-5 * scale)
@@ -70,19 +72,23 @@ def test_frozen_linen_model_same_outputs_on_xla_and_interpret(monkeypatch):
 
 def test_frozen_nnx_model_same_outputs_on_xla_and_interpret(monkeypatch):
     model = NnxMLP(nnx.Rngs(0))
-    qn.quantize_model(model, RULES)
+    qn.quantize_model(model, RULES, X)
     before = model(X)
     qn.freeze(model)
-    out = per_backend(lambda: nnx.jit(lambda m, x: m(x))(model, X), monkeypatch)
+    run = nnx.jit(lambda m, x: m(x))  # one jitted function: the backend is part of the model's graph
+
+    def forward(backend):
+        qn.freeze(model, backend=backend)
+        return run(model, X)
+
+    out = per_backend(forward, monkeypatch)
     scale = float(jnp.max(jnp.abs(before)))
     np.testing.assert_allclose(out["interpret"], out["xla"], rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(out["xla"], before, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_kernel_backend_rejects_unknown_names_and_nests():
+def test_unknown_backend_is_refused_when_quantizing():
     with pytest.raises(ValueError, match="unknown kernel backend 'gpu'; allowed: auto, xla, pallas, interp"):
-        serving.kernel_backend("gpu").__enter__()  # the name is checked on entering the block
-    with serving.kernel_backend("xla"):
-        with serving.kernel_backend("interpret"):
-            assert serving.current_backend() == "interpret"
-        assert serving.current_backend() == "xla"
+        ql.quantize_model(LinenMLP(), RULES, backend="gpu")
+    with pytest.raises(ValueError, match="unknown QAT product 'int4'; allowed: auto, int8, float"):
+        qn.quantize_model(NnxMLP(nnx.Rngs(0)), RULES, X, product="int4")

@@ -1,0 +1,277 @@
+"""The op-level quantization core: one quantized contraction shared by the Linen and NNX front ends.
+
+A front end (:mod:`qjax.linen`, :mod:`qjax.nnx`) knows how a module call is intercepted and where its
+variables live. For each call of a module a rule matched, it builds a :class:`Call` (the module's
+:class:`ModuleEntry`, the weights the module holds, scales, hyperparameters and :class:`Settings`) and runs
+the module's own code inside :func:`qjax.interception.intercepting` with :meth:`Call.handle` as handler.
+Every contraction the module then calls (``einsum``, ``dot_general``, ``conv_general_dilated``, ``dot``,
+``matmul``, ``tensordot``) arrives here, and the core
+
+1. finds the weight operand: the operand that *is* (object identity) a weight the module holds; the other
+   operands are its inputs. A contraction with no weight operand is activation x activation (attention's
+   ``q k^T``, ``p v``) and is quantized with the rule's ``activations`` quantizer (for the fused
+   ``jax.nn.dot_product_attention``, its query, key and value: ``p`` stays inside the op);
+2. picks the path (:func:`execution_path`): the fused QAT op with an int8 or a float product
+   (:func:`qjax.int_matmul.qat_matmul`), fake-quant operands, the packed matmul of a frozen weight
+   (:func:`qjax.serving.frozen_matmul`) or its dequantized value;
+3. runs it and returns what the original op would have returned (dtype included).
+
+Which module is eligible is decided by what it does: :func:`qjax.discovery.contracted_leaves` finds the
+parameters that reach a contraction, whatever op or operator (``@`` included) the model's code uses.
+A weight contracted by ``x @ w`` never reaches an interceptable function (``@`` calls jnp.matmul's
+compiled dispatch); the front ends then quantize the weight where it is stored and the input at the
+module's call (path ``fake-quant float (at the module)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+from qjax import qat
+from qjax.int_matmul import integer_eligible, qat_matmul
+from qjax.machine import PRODUCTS, resolve_product
+from qjax.qarray import QArray
+from qjax.quantizer import Quantizer
+from qjax.rules import Rule
+
+FLOAT, FAKE_QUANT, AT_MODULE, INT8, FUSED_FLOAT, PACKED, DEQUANTIZED = (
+    "float", "fake-quant float", "fake-quant float (at the module)", "int8 dot_general",
+    "fused fake-quant float", "packed matmul", "dequantized float")
+FUSED_PATHS = (INT8, FUSED_FLOAT)  # one custom-VJP op for the quantized contraction (qjax.int_matmul)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Static execution settings of a quantized model: hashable, part of what jit compiles.
+
+    Attributes:
+      product: the fused QAT matmul's product: ``"auto"`` (int8 where the machine multiplies int8 faster,
+        :func:`int8_product_is_faster`; else float), ``"int8"`` or ``"float"``.
+      backend: the packed-matmul backend for frozen weights (:func:`kernels_pallas.packed_matmul`):
+        ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
+    """
+
+    product: str = "auto"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        from kernels_pallas import BACKENDS
+
+        if self.product not in PRODUCTS:
+            raise ValueError(f"unknown QAT product {self.product!r}; allowed: {', '.join(PRODUCTS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """How a module contracts one of its weights, seen by the record pass: the op, the weight's operand
+    position, and how many of its *leading* axes a ``dot_general`` contracts against the other operand's
+    trailing ones (``(*K, *features)`` weights: Dense, DenseGeneral, Linear; 0 for any other layout)."""
+
+    op: str
+    position: int
+    contract: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleEntry:
+    """One module of a model: path, class name, own array parameters, which of them reach a contraction
+    (``contracted``), how its ops use them (``uses``, when interceptable), leading stacked axes of its
+    parameters (``stacked``: layers made by ``vmap`` and run by ``scan``) and the rule it got."""
+
+    path: tuple[str, ...]
+    type_name: str
+    params: tuple[str, ...]
+    contracted: tuple[str, ...] = ()
+    uses: tuple[tuple[str, Use], ...] = ()
+    stacked: int = 0
+    rule: Rule | None = None
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        """The parameters its rule quantizes: contracted ones named in ``rule.weight_names``."""
+        if self.rule is None or self.rule.weight is None:
+            return ()
+        return tuple(p for p in self.contracted if p in self.rule.weight_names)
+
+    def use(self, name: str) -> Use | None:
+        return dict(self.uses).get(name)
+
+    @property
+    def intercepted(self) -> bool:
+        """Whether every weight is contracted by an op the core sees (else it is quantized at the module)."""
+        return all(self.use(n) is not None for n in self.weights)
+
+    @property
+    def contract(self) -> int:
+        """Leading contraction axes of its first weight (1 for Dense; 0 when not a ``(*K, *N)`` dot)."""
+        use = self.use(self.weights[0]) if self.weights else None
+        return use.contract if use is not None and use.op == "dot_general" else 0
+
+
+def execution_path(entry: ModuleEntry | None, hparams: Mapping, settings: Settings,
+                   frozen: QArray | None = None, w_ndim: int | None = None) -> str:
+    """How a module's weight contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` or
+    ``fused fake-quant float`` (one custom-VJP op, :func:`qjax.int_matmul.qat_matmul`, product from
+    ``settings``), ``fake-quant float``, ``fake-quant float (at the module)`` (a weight no interceptable op
+    contracts, e.g. ``x @ w``), ``packed matmul`` or ``dequantized float`` (frozen ``frozen``)."""
+    from qjax.serving import packed_layout
+
+    if entry is None or not entry.weights:
+        return FLOAT
+    use = entry.use(entry.weights[0])
+    if frozen is not None:
+        packed = use is not None and use.op == "dot_general" and use.contract == 1
+        return PACKED if packed and packed_layout(frozen) is not None else DEQUANTIZED
+    if not entry.intercepted:
+        return AT_MODULE
+    rule = entry.rule
+    if (use.op == "dot_general" and use.position == 1 and use.contract and len(entry.weights) == 1
+            and integer_eligible(rule.weight, rule.input, dict(hparams), w_ndim or use.contract + 1,
+                                 use.contract)):
+        return INT8 if resolve_product(settings.product) == "int8" else FUSED_FLOAT
+    return FAKE_QUANT
+
+
+@dataclasses.dataclass
+class Weight:
+    """A weight as one module call holds it: ``seen`` is the object the module's code reads (the identity
+    the core looks for), ``raw`` the float value to quantize (and differentiate), ``frozen`` its QArray
+    once frozen; ``scale`` a learned scale or ``None``."""
+
+    name: str
+    raw: Any
+    seen: Any
+    scale: Any = None
+    frozen: QArray | None = None
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def operand_positions(op: str, args: tuple) -> tuple[int, ...]:
+    """Positions of the array operands of a contraction call."""
+    if op == "einsum":
+        return tuple(i for i in range(1, len(args)) if _is_array(args[i]))
+    if op == "dot_product_attention":  # query, key, value
+        return tuple(i for i in (0, 1, 2) if i < len(args) and _is_array(args[i]))
+    return tuple(i for i in (0, 1) if i < len(args) and _is_array(args[i]))
+
+
+def dot_contract(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int:
+    """``c`` when a ``dot_general`` contracts the rhs's leading ``c`` axes, in order, against the lhs's
+    trailing ``c`` axes with no batch axes (``x (..., *K) . w (*K, *N)``); else 0."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    c = len(rc)
+    if lb or rb or not 1 <= c < rhs_ndim:
+        return 0
+    if tuple(rc) != tuple(range(c)) or tuple(lc) != tuple(range(lhs_ndim - c, lhs_ndim)):
+        return 0
+    return c
+
+
+class Call:
+    """One call of a quantized module: what :meth:`handle` needs to quantize its contractions."""
+
+    def __init__(self, entry: ModuleEntry | None, weights: Mapping[str, Weight], hparams: Mapping,
+                 settings: Settings, input_scale=None, recorder: dict | None = None):
+        self.entry = entry
+        self.rule = entry.rule if entry is not None else None
+        self.weights = dict(weights)
+        self.hparams = dict(hparams)
+        self.settings = settings
+        self.input_scale = input_scale
+        self.recorder = recorder  # record pass: {param name: Use}
+        self.trace = jex_core.get_opaque_trace_state()
+
+    def _find_weight(self, op: str, args: tuple):
+        """The weight operand: the operand that is a weight the module holds; else (a transformation such
+        as ``grad`` may hand the op a fresh tracer of the same value, e.g. after a no-op cast) the operand
+        at the position the record pass saw, when it has the weight's shape."""
+        positions = operand_positions(op, args)
+        for i in positions:
+            for w in self.weights.values():
+                if args[i] is w.seen:
+                    return i, w
+        if self.entry is None:
+            return None, None
+        for w in self.weights.values():
+            use = self.entry.use(w.name)
+            if (use is not None and use.op == op and use.position in positions
+                    and jnp.shape(args[use.position]) == jnp.shape(w.seen)):
+                return use.position, w
+        return None, None
+
+    def handle(self, op: str, original, args: tuple, kwargs: dict):
+        """The quantized version of ``original(*args, **kwargs)`` (module docstring)."""
+        position, weight = self._find_weight(op, args)
+        if self.recorder is not None:
+            if weight is not None:
+                contract = (dot_contract(jnp.ndim(args[0]), jnp.ndim(args[1]), args[2])
+                            if op == "dot_general" and position == 1 else 0)
+                self.recorder.setdefault(weight.name, Use(op, position, contract))
+            return original(*args, **kwargs)
+        rule = self.rule
+        if weight is None or rule is None or rule.weight is None or weight.name not in self.entry.weights:
+            if (weight is None and rule is not None and rule.activations is not None
+                    and jex_core.get_opaque_trace_state() == self.trace):
+                args = tuple(qat.quantize_input(rule.activations, a, None, self.hparams)
+                             if i in operand_positions(op, args) else a for i, a in enumerate(args))
+            return original(*args, **kwargs)
+        path = execution_path(self.entry, self.hparams, self.settings, weight.frozen, jnp.ndim(weight.raw))
+        contract = dot_contract(jnp.ndim(args[0]), jnp.ndim(args[1]), args[2]) \
+            if op == "dot_general" and position == 1 else 0
+        if path in (PACKED, *FUSED_PATHS) and contract == (1 if path == PACKED else self.entry.contract):
+            return self._fused(path, args, kwargs, weight, contract)
+        args = list(args)
+        if weight.frozen is None:
+            value = qat.quantize_weight(rule.weight, weight.raw, weight.scale, self.hparams)
+            args[position] = value.astype(jnp.result_type(args[position]))
+        else:
+            args[position] = weight.seen
+        if rule.input is not None:
+            for i in operand_positions(op, tuple(args)):
+                if i != position:
+                    args[i] = qat.quantize_input(rule.input, args[i], self.input_scale, self.hparams)
+        return original(*args, **kwargs)
+
+    def _fused(self, path: str, args, kwargs, weight: Weight, contract: int):
+        """``x . w`` as one op: the packed matmul of a frozen weight, or the fused QAT matmul."""
+        from qjax.serving import frozen_matmul
+
+        x, w = args[0], args[1]
+        dtype = kwargs.get("preferred_element_type") or (args[5] if len(args) > 5 else None) \
+            or jnp.result_type(x, w)
+        rule = self.rule
+        if path == PACKED:
+            if rule.input is not None:
+                x = qat.quantize_input(rule.input, x, self.input_scale, self.hparams)
+            return frozen_matmul(x, weight.frozen, self.settings.backend).astype(dtype)
+        product = "int8" if path == INT8 else "float"
+        y = qat_matmul(x, weight.raw, rule.weight, rule.input, self.input_scale, weight.scale, self.hparams,
+                       contract, product)
+        return y.astype(dtype)
+
+
+def stacked_map(fn, stacked: int):
+    """``fn`` mapped over ``stacked`` leading axes (per-layer scales of ``vmap``-stacked layers)."""
+    for _ in range(stacked):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def initial_weight_scale(q: Quantizer, w: jax.Array, stacked: int = 0) -> jax.Array:
+    """A learned weight scale's start (:func:`qjax.qat.initial_scale`), one per stacked layer."""
+    return stacked_map(lambda v: qat.initial_scale(q, v), stacked)(w)
