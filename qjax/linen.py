@@ -384,8 +384,8 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
             def one(v, s, q=q, contract=entry.contract):
                 return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
 
-            params = set_path(params, where, rebox(box, stacked_map(one, entry.stacked)(w, get_path(quant,
-                                                                                                  where))))
+            packed = jax.jit(stacked_map(one, entry.stacked))(w, get_path(quant, where))  # no temporaries
+            params = set_path(params, where, rebox(box, packed))
     return serving_variables(variables, params)
 
 

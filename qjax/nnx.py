@@ -443,7 +443,8 @@ def freeze(model: nnx.Module, *, backend: str | None = None) -> None:
             def one(v, s, q=q, contract=entry.contract):
                 return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
 
-            qa = stacked_map(one, entry.stacked)(var.get_value(), _value(module, _scale_name(param)))
+            # jitted: one fused program per weight, so no full-size temporaries beside the model
+            qa = jax.jit(stacked_map(one, entry.stacked))(var.get_value(), _value(module, _scale_name(param)))
             setattr(module, param, PackedWeight(qa, **var.get_metadata()))
             if hasattr(module, _scale_name(param)):
                 delattr(module, _scale_name(param))

@@ -163,3 +163,30 @@ def test_the_product_is_a_static_setting_that_changes_the_program():
         run(model, X)
         qn.unquantize_model(model)
     assert len(traces) == 2
+
+
+def test_linen_scan_stack_scales_per_layer_and_frozen_equals_qat():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(8, name="d")(nn.relu(x)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scanned(name="s")(x, None)[0]
+
+    qmodel = ql.quantize_model(Stack(), [Rule(".*", weight=W4, input=A8)])
+    variables = qmodel.init(jax.random.key(1), X)
+    assert qmodel.table(variables, X)["s/d"].stacked == 1
+    y = jax.jit(qmodel.apply)(variables, X)
+    w, b = variables["params"]["s"]["d"]["kernel"], variables["params"]["s"]["d"]["bias"]
+    h = X
+    for i in range(3):
+        h = h + fake_quant(A8, jax.nn.relu(h)) @ fake_quant(W4, w[i]) + b[i]
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+    frozen = ql.freeze(qmodel, variables, X)
+    qa = frozen["params"]["s"]["d"]["kernel"]
+    assert qa.scale.shape == (3, 1, 8) and qa.packing[0] == -2
+    np.testing.assert_allclose(jax.jit(qmodel.apply)(frozen, X), y, rtol=1e-5, atol=1e-5)

@@ -15,9 +15,10 @@ B = jax.random.normal(jax.random.key(1), (8, 3))
 
 
 def contractions():
-    return {"einsum": jnp.einsum("ij,jk->ik", A, B), "dot_general": jax.lax.dot_general(A, B, (((1,), (0,)),
-                                                                                               ((), ()))),
-            "dot": jnp.dot(A, B), "matmul": jnp.matmul(A, B), "tensordot": jnp.tensordot(A, B, 1), "at": A @ B}
+    dims = (((1,), (0,)), ((), ()))
+    return {"einsum": jnp.einsum("ij,jk->ik", A, B), "dot_general": jax.lax.dot_general(A, B, dims),
+            "dot": jnp.dot(A, B), "matmul": jnp.matmul(A, B), "tensordot": jnp.tensordot(A, B, 1),
+            "at": A @ B}
 
 
 def doubling(op, original, args, kwargs):
