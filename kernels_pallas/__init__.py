@@ -2,8 +2,8 @@
 
 - :func:`packed_matmul`: weight-only, float activations ``x (..., K)`` times a weight stored as ``bits``-bit
   codes (8, 4, 2 with ternary as its ``{-1, 0, 1}`` subset, 1 = binary +-1) packed along K in uint32 words
-  (:mod:`qjax.packing`), per-channel ``(1, N)`` or per-group ``(K / group_size, N)`` float scales, float32
-  accumulation (:mod:`kernels_pallas.weight_only`).
+  (:mod:`kernels_pallas.layout`, which :mod:`qjax.packing` re-exports), per-channel ``(1, N)`` or per-group
+  ``(K / group_size, N)`` float scales, float32 accumulation (:mod:`kernels_pallas.weight_only`).
 - :func:`int8_matmul` / :func:`int8_dot`: W8A8, int8 activation codes times int8 weight codes with exact
   int32 accumulation and per-token activation scales (:mod:`kernels_pallas.w8a8`).
 
@@ -12,7 +12,7 @@ Backends (:mod:`kernels_pallas.backends`): ``"xla"`` the pure-jnp reference (:mo
 interpreter (any platform; how CPU tests run it), ``"auto"`` = ``"pallas"`` on TPU/GPU, else ``"xla"`` with a
 one-time :class:`KernelFallbackWarning`. All functions work under ``jit``, ``vmap`` and ``grad`` (the Pallas
 backends differentiate by the reference's backward) and on sharded inputs; this package knows
-only arrays, never Flax.
+only arrays, never Flax or qjax (the packed layout is :mod:`kernels_pallas.layout`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import backends
+from kernels_pallas import backends, layout
 from kernels_pallas.backends import BACKENDS, KernelFallbackWarning
 from kernels_pallas.reference import dequantize_packed, int8_dot_xla, packed_matmul_xla
 from kernels_pallas.w8a8 import int8_dot_pallas
 from kernels_pallas.weight_only import packed_matmul_pallas
-from qjax import packing
 
 __all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "int8_dot", "int8_matmul",
            "packed_matmul", "packed_matmul_xla"]
@@ -40,14 +39,15 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
     """``y[..., n] = sum_k x[..., k] * (c[k, n] - z[g(k), n]) * s[g(k), n]``, ``g(k) = k // group_size``,
     float32 ``(..., N)``.
 
-    ``w_packed``: ``(ceil(K / (32 // bits)), N)`` uint32 words of :func:`qjax.packing.pack` (axis 0);
+    ``w_packed``: ``(ceil(K / (32 // bits)), N)`` uint32 words of :func:`kernels_pallas.layout.pack` (axis
+    0);
     ``scales`` (and the optional ``zero_point``): ``(1, N)`` per channel or ``(K / group_size, N)`` per
     group; ``signed``: the codes were packed from a signed dtype (offset binary; binary ``{-1, +1}``).
     Weight-only low-bit matmuls at small batch are memory bound, so reading packed words instead of a
     float weight is the speedup (Frantar et al., "MARLIN", 2024; Park et al., "LUT-GEMM", ICLR 2024).
     """
-    if bits not in packing.PACK_BITS or isinstance(bits, bool):
-        raise ValueError(f"bits={bits!r} has no packed matmul; allowed: {packing.PACK_BITS}")
+    if bits not in layout.PACK_BITS or isinstance(bits, bool):
+        raise ValueError(f"bits={bits!r} has no packed matmul; allowed: {layout.PACK_BITS}")
     _check_packed_operands(x, w_packed, scales, zero_point, bits, group_size)
     backend = backends.resolve(backend)
     if backend == "xla":
@@ -113,11 +113,11 @@ def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_siz
         raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
                          "(float32, bfloat16, float16)")
     k = x.shape[-1]
-    words = -(-k // (32 // bits))
+    words = layout.packed_size(k, bits)
     if w_packed.dtype != jnp.uint32 or w_packed.ndim != 2 or w_packed.shape[0] != words:
         raise ValueError(f"w_packed of shape {w_packed.shape} and dtype {w_packed.dtype} does not hold "
                          f"K={k} {bits}-bit codes; allowed: uint32 ({words}, N) from "
-                         f"qjax.packing.pack(codes, {bits}, axis=0)")
+                         f"kernels_pallas.layout.pack(codes, {bits}, axis=0) (qjax.packing.pack)")
     n = w_packed.shape[1]
     groups = scales.shape[0] if scales.ndim == 2 else 0
     if (scales.ndim != 2 or scales.shape[1] != n or groups == 0 or k % groups

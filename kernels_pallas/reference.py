@@ -1,8 +1,9 @@
 """The pure-jnp packed matmul: the reference every kernel backend is tested against.
 
 ``y = x @ W`` with ``W[k, n] = (code[k, n] - z[g(k), n]) * scale[g(k), n]`` where the codes are unpacked
-from the uint32 plane layout of :mod:`qjax.packing` (packed along K, axis 0), ``g(k) = k // group_size``
-(one group when ``group_size`` is None, i.e. per-channel scales) and ``z`` is an optional zero point.
+from the uint32 plane layout of :mod:`kernels_pallas.layout` (packed along K, axis 0), ``g(k) = k //
+group_size`` (one group when ``group_size`` is None, i.e. per-channel scales) and ``z`` is an optional zero
+point.
 Accumulates in float32. ``int8_dot_xla`` is the W8A8 reference: int8 codes, exact int32 sums.
 """
 
@@ -11,14 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax import packing
+from kernels_pallas import layout
 
 
 def dequantize_packed(w_packed: jax.Array, scales: jax.Array, *, bits: int, k: int,
                       group_size: int | None = None, zero_point: jax.Array | None = None,
                       signed: bool = True) -> jax.Array:
     """The float32 ``(K, N)`` weight of a packed ``(ceil(K / (32 // bits)), N)`` uint32 array."""
-    codes = packing.unpack(w_packed, bits, 0, k, signed=signed).astype(jnp.float32)
+    codes = layout.unpack(w_packed, bits, 0, k, signed=signed).astype(jnp.float32)
     groups = scales.shape[0]
     codes = codes.reshape(groups, k // groups, -1)
     if zero_point is not None:

@@ -1,8 +1,9 @@
 """The weight-only packed matmul as a Pallas kernel: float activations times packed low-bit weights.
 
 ``y[m, n] = sum_k x[m, k] * (c[k, n] - z[g(k), n]) * s[g(k), n]``, ``g(k) = k // group_size``, with the codes
-``c`` read straight from the uint32 plane layout of :mod:`qjax.packing`: with ``p = 32 // bits`` codes per
-word and ``P = ceil(K / p)`` words, bits ``j*bits .. j*bits + bits - 1`` of word ``w`` hold ``c[j*P + w]``.
+``c`` read straight from the uint32 plane layout of :mod:`kernels_pallas.layout`: with ``p = 32 // bits``
+codes per word and ``P = ceil(K / p)`` words, bits ``j*bits .. j*bits + bits - 1`` of word ``w`` hold
+``c[j*P + w]``.
 The kernel never materialises the float weight in memory: each grid step loads a ``(block_words, block_n)``
 tile of words, and for each plane ``j`` unpacks it in registers (``(word >> j*bits) & (2^bits - 1)``, 32-bit
 integer math), decodes the stored field (offset binary for signed codes, ``{0, 1} -> {-1, +1}`` for binary)
@@ -37,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels_pallas.backends import compiler_params, round_up, tile
-from qjax.packing import decode_fields
+from kernels_pallas.layout import decode_fields
 
 BLOCK_M = 128
 BLOCK_N = 256

@@ -54,8 +54,8 @@ def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams
     for q in (weight, inputs):
         if q.fmt.kind not in INT_KINDS or not q.fmt.signed or q.bases != 1 or q.scale == "minmax":
             return False
-    if weight.is_sign and weight.surrogate == "biper":
-        return False  # BiPer's stage switch and sin-wave codes stay on the fake-quant path
+    if weight.is_sign and weight.surrogate_spec.has_custom_forward:
+        return False  # a custom forward (BiPer's sign(sin(omega w)), its stage switch) stays on fake-quant
     gw, gx = weight.granularity, inputs.granularity
     weight_ok = isinstance(gw, PerTensor) or (
         isinstance(gw, PerChannel) and all(a % w_ndim >= contract for a in _axes(gw)))
@@ -77,7 +77,7 @@ def _identity_backward(q: Quantizer) -> bool:
     """Whether ``fake_quant(q, .)`` has the identity VJP: a multi-level grid with a computed (detached)
     scale and the plain straight-through estimator. Its backward then needs only the fake-quant value: the
     float product keeps the value it multiplied, the int8 product its codes and scales (4x fewer bytes)."""
-    return q.scale in COMPUTED_RULES and not q.is_sign and q.surrogate == "ste"
+    return q.scale in COMPUTED_RULES and not q.is_sign and q.surrogate_spec.identity_backward
 
 
 def _float_fake_quant(q: Quantizer, x: jax.Array) -> jax.Array:

@@ -6,18 +6,16 @@ Per-step hyperparameters are a dict of (possibly traced) arrays, so a schedule n
   takes them, ignored by the others;
 - ``enabled``: ``0`` keeps every tensor float (a warm-up), ``1`` quantizes (default 1);
 - ``biper_binarize``: BiPer's two stages (Vargas et al. 2024): ``0`` gives stage 1, weights
-  ``alpha * sin(omega w)`` real-valued; ``1`` (default) stage 2, ``alpha * sign(sin(omega w))``.
+  ``|alpha| * sin(omega w)`` real-valued; ``1`` (default) stage 2, ``|alpha| * sign(sin(omega w))``
+  (one alpha for both: a learned scale is used by its magnitude).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 
-from qjax import surrogates
-from qjax.quantizer import Quantizer, fake_quant, init_scale
+from qjax.quantizer import Quantizer, fake_quant, init_scale, relaxed_quant
 
 HPARAM_NAMES = ("o", "t", "omega", "beta", "enabled", "biper_binarize")
 
@@ -31,11 +29,10 @@ def check_hparams(hparams: dict | None) -> dict:
 
 
 def surrogate_kwargs(q: Quantizer, hparams: dict) -> dict:
-    """The hyperparameters ``q``'s surrogate takes, from ``hparams``."""
+    """The hyperparameters ``q``'s surrogate takes (its record's ``hyperparameters``), from ``hparams``."""
     if not q.is_sign:
         return {}
-    accepted = list(inspect.signature(surrogates.SIGN_SURROGATES[q.surrogate]).parameters)[1:]
-    return {k: hparams[k] for k in accepted if k in hparams}
+    return q.surrogate_spec.select(hparams)
 
 
 def needs_state(q: Quantizer | None) -> bool:
@@ -55,14 +52,18 @@ def _gate(hparams: dict, quantized: jax.Array, value: jax.Array) -> jax.Array:
 
 
 def quantize_weight(q: Quantizer, w: jax.Array, scale: jax.Array | None, hparams: dict) -> jax.Array:
-    """The fake-quantized weight for QAT, honouring ``enabled`` and BiPer's stage."""
-    y = fake_quant(q, w, scale=scale, **surrogate_kwargs(q, hparams))
-    if q.is_sign and q.surrogate == "biper" and "biper_binarize" in hparams:
-        omega = surrogates.as_hyperparameter(hparams.get("omega", 20.0), "omega")
-        alpha = scale if scale is not None else jax.lax.stop_gradient(init_scale(q, w, q.scale))
-        gran = q.granularity.resolve(w.shape)
-        wave = gran.from_blocks(alpha * jnp.sin(omega * gran.to_blocks(w).astype(jnp.float32)), w.shape)
-        y = jnp.where(jnp.asarray(hparams["biper_binarize"]) > 0, y, wave.astype(w.dtype))
+    """The fake-quantized weight for QAT, honouring ``enabled`` and BiPer's stage.
+
+    A sign surrogate with a custom real-valued forward ``r`` (BiPer's ``sin(omega w)``) and
+    ``biper_binarize`` in ``hparams``: stage 1 (``0``) is :func:`qjax.quantizer.relaxed_quant`,
+    ``s * r(w)``, stage 2 (``1``) ``fake_quant``, ``s * sign(r(w))``, with the same ``s`` (a learned alpha
+    by its magnitude ``|alpha|``), so the switch keeps every weight's sign.
+    """
+    kwargs = surrogate_kwargs(q, hparams)
+    y = fake_quant(q, w, scale=scale, **kwargs)
+    if q.is_sign and q.surrogate_spec.has_custom_forward and "biper_binarize" in hparams:
+        wave = relaxed_quant(q, w, scale=scale, **kwargs)
+        y = jnp.where(jnp.asarray(hparams["biper_binarize"]) > 0, y, wave)
     return _gate(hparams, y, w)
 
 

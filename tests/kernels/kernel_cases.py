@@ -1,4 +1,4 @@
-"""Random packed weights for the kernel tests: integer codes of a bit width, packed by qjax.packing."""
+"""Random packed weights for the kernel tests: codes of a bit width, packed (kernels_pallas.layout)."""
 
 import functools
 
@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import dequantize_packed
-from qjax import packing
+from kernels_pallas import dequantize_packed, layout
 
 
 def random_packed(rng: np.random.Generator, bits: int, k: int, n: int, *, group_size: int | None = None,
                   signed: bool = True, ternary: bool = False, zero_point: bool = False):
     """``(w_packed, scales, zero_point or None)`` for random ``bits``-bit codes of a ``(k, n)`` weight."""
-    lo, hi = (-1, 1) if ternary else packing.code_range(bits, signed)
+    lo, hi = (-1, 1) if ternary else layout.code_range(bits, signed)
     codes = rng.integers(lo, hi + 1, (k, n))
     if bits == 1 and signed:
         codes = np.where(codes == 0, 1, codes)
@@ -26,7 +25,7 @@ def random_packed(rng: np.random.Generator, bits: int, k: int, n: int, *, group_
 
 @functools.partial(jax.jit, static_argnums=1)
 def _pack(codes, bits):  # one compile instead of one per eager op: the tests time interpret mode
-    return packing.pack(codes, bits, 0)
+    return layout.pack(codes, bits, 0)
 
 
 def error_bound(x, words, scales, zero, *, bits, group_size, signed, dtype):

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 import kernels_pallas as kp
-from kernels_pallas import backends
-from qjax import packing
+from kernels_pallas import backends, layout
 
-W4 = packing.pack(jnp.ones((64, 8), jnp.int8), 4, 0)  # (8, 8) uint32
+W4 = layout.pack(jnp.ones((64, 8), jnp.int8), 4, 0)  # (8, 8) uint32
 S = jnp.ones((1, 8))
 X = jnp.ones((2, 64))
 
