@@ -1,8 +1,23 @@
 """Post-training quantization: calibration, RTN, GPTQ, STE fine-tuning and PV-tuning (module docstrings).
 
-Every method works on ``(model, variables, rules, batches)`` (:mod:`qjax.ptq.layers`) and returns frozen
-variables whose quantized weights are packed :class:`~qjax.QArray`\\ s, ready for
-``qjax.linen.quantize_model(model, rules).apply`` and :func:`qjax.summary.summary`.
+Every method takes ``(model, variables, rules, batches)`` (:mod:`qjax.ptq.layers`) and is written once over
+one functional view of the model (:mod:`qjax.ptq.model`), so it runs on Linen and NNX models alike:
+
+- **Linen**: ``model`` a ``flax.linen.Module`` (or a :class:`qjax.linen.QuantizedModel`), ``variables`` its
+  variables. A method returns frozen variables whose quantized weights are packed :class:`~qjax.QArray`\\ s,
+  ready for ``qjax.linen.quantize_model(model, rules).apply`` and :func:`qjax.summary.summary`;
+  ``variables`` is not changed. ``frozen = ptq.gptq(module, variables, rules, batches)``.
+- **NNX**: ``model`` an ``nnx.Module`` and ``variables=None``. A method quantizes the model in place by
+  the rules (:func:`qjax.nnx.quantize_model`, the first batch as example input) and freezes it: each
+  quantized weight becomes a :class:`qjax.nnx.PackedWeight` holding the QArray the method found, so the
+  model runs its packed path; it returns the model. ``ptq.gptq(model, None, rules, batches); model(**x)``.
+  The model may start float, quantized or frozen; it is not changed before the result is ready.
+
+``ste_finetune`` and ``pv_tuning`` return ``(frozen model, losses)``; their ``teacher`` is the float
+variables (Linen) or a float ``nnx.Module`` (NNX). ``calibrate``, ``hessians`` and ``input_statistics``
+return statistics; ``input_scales`` returns the variables (Linen) or the model quantized in place (NNX)
+with the calibrated input scales. Inputs are captured at each weight contraction through qjax's op-level
+interception (:mod:`qjax.ptq.capture`).
 """
 
 from qjax.ptq.calibration import Range, calibrate, input_scales

@@ -9,7 +9,12 @@ the static ranges of post-training activation quantization (Jacob et al., "Quant
 Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018; Nagel et al., "A White Paper
 on Neural Network Quantization", 2021, section 3.5). :func:`input_scales` turns them into the scale of each
 module's ``input`` quantizer, ``s = absmax / fmax`` (:mod:`qjax.scales`' ``absmax`` rule), stored where
-:class:`qjax.linen.QuantizedModel` reads a ``given``/``learned`` input scale: ``variables["quant"]``.
+the front end reads a ``given``/``learned`` input scale: ``variables["quant"]`` (Linen,
+:class:`qjax.linen.QuantizedModel`), or the module's ``input_qscale`` :class:`qjax.nnx.QuantScale` (NNX).
+
+The input is the one the module's weight contraction receives (:mod:`qjax.ptq.capture`), which for a
+Dense-like layer is its call's input. Linen: ``calibrate(model, variables, rules, batches)``; NNX:
+``calibrate(model, None, rules, batches)`` with ``model`` an ``nnx.Module``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax.linen import INPUT_KEY, set_path
-from qjax.ptq.capture import input_statistics
-from qjax.ptq.layers import check_batches, quantized_model
+from qjax.ptq.capture import statistics
+from qjax.ptq.layers import check_batches
+from qjax.ptq.model import model_view
 from qjax.quantizer import scale_shape
 
 
@@ -39,34 +43,39 @@ def _absmax_stat(rows: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(rows) * (mask[:, None] > 0), axis=0)
 
 
-def calibrate(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
+def calibrate(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
               token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None
               ) -> dict[str, Range]:
-    """``{module path: Range}`` for every module a rule matches, over all ``batches`` (module docstring).
+    """``{module path: Range}`` for every module a rule gives a weight or an input quantizer, over all
+    ``batches`` (module docstring).
 
-    Padding tokens (``batch[token_mask] == 0``) are left out. The forward pass is jitted once.
+    ``model``/``variables``: a Linen module and its variables, or an NNX module and ``None``. Padding
+    tokens (``batch[token_mask] == 0``) are left out. The forward pass is jitted once.
     """
     batches = check_batches(batches, "calibrate")
-    qmodel = quantized_model(model, rules)
-    apply_kwargs = dict(apply_kwargs or {})
-    table = qmodel.table(dict(variables), **batches[0], **apply_kwargs)
-    modules = [e.path for e in table.values() if e.rule is not None]
+    view = model_view(model, variables, rules, batches[0], apply_kwargs, "calibrate")
+    modules = [e.path for e in view.table.values()
+               if e.rule is not None and (e.rule.weight is not None or e.rule.input is not None)]
     if not modules:
-        raise ValueError(f"calibrate: no module matched the rules {[r.label for r in qmodel.rules]}")
-    stats = input_statistics(qmodel.model, variables, batches, modules, _absmax_stat, jnp.maximum,
-                             token_mask=token_mask, apply_kwargs=apply_kwargs)
+        raise ValueError(f"calibrate: no module matched the rules {[r.label for r in view.rules]}")
+    stats = statistics(view, view.params, batches, modules, _absmax_stat, jnp.maximum, token_mask=token_mask)
     return {"/".join(p): Range(jnp.max(v), v) for p, v in stats.items()}
 
 
-def input_scales(model: nn.Module, variables: Mapping, rules, ranges: Mapping[str, Range],
-                 batch: Mapping, apply_kwargs: Mapping | None = None) -> dict:
-    """``variables`` with a ``"quant"`` entry ``s = absmax / fmax`` for each module whose rule has an
-    ``input`` quantizer with a ``given`` or ``learned`` scale (per tensor, or per channel along the
-    last axis), so ``quantize_model(model, rules).apply`` quantizes inputs with the calibrated ranges."""
-    qmodel = quantized_model(model, rules)
-    table = qmodel.table(dict(variables), **batch, **dict(apply_kwargs or {}))
-    quant = dict(variables.get("quant", {}))
-    for name, entry in table.items():
+def input_scales(model, variables: Mapping | None, rules, ranges: Mapping[str, Range], batch: Mapping,
+                 apply_kwargs: Mapping | None = None):
+    """The model with the scale ``s = absmax / fmax`` of each module whose rule has an ``input`` quantizer
+    with a ``given`` or ``learned`` scale (per tensor, or per channel along the last axis), so the
+    quantized model quantizes inputs with the calibrated ranges.
+
+    Linen: returns ``variables`` with a ``"quant"`` entry per module (for
+    ``quantize_model(model, rules).apply``). NNX (``variables=None``): quantizes ``model`` in place by the
+    rules (:func:`qjax.nnx.quantize_model` with ``batch`` as its example input) unless it is quantized
+    already, sets each module's ``input_qscale``, and returns ``model``; a later PTQ method keeps them.
+    """
+    view = model_view(model, variables, rules, batch, apply_kwargs, "input_scales")
+    scales = {}
+    for name, entry in view.table.items():
         q = entry.rule.input if entry.rule is not None else None
         if q is None or q.scale not in ("given", "learned"):
             continue
@@ -84,6 +93,5 @@ def input_scales(model: nn.Module, variables: Mapping, rules, ranges: Mapping[st
             raise ValueError(f"input_scales: {q.granularity} on module {name!r} has no static range; "
                              "allowed: PerTensor() or PerChannel(-1) input quantizers")
         scale = jnp.maximum(value, jnp.finfo(jnp.float32).tiny) / q.fmt.max_abs
-        quant = set_path(quant, (*entry.path, INPUT_KEY), scale.reshape(shape))
-    return {**variables, "quant": quant}
-
+        scales[entry.path] = scale.reshape(shape)
+    return view.with_input_scales(scales)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -40,13 +39,23 @@ def mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)))
 
 
-def teacher_targets(model: nn.Module, variables: Mapping, batches: Sequence[Mapping],
+def teacher_targets(model, variables: Mapping | None, batches: Sequence[Mapping],
                     output_fn: OutputFn = first_output, apply_kwargs: Mapping | None = None
                     ) -> list[jax.Array]:
-    """``output_fn(model.apply(variables, **batch), batch)`` for every batch (one jitted forward)."""
-    apply_kwargs = dict(apply_kwargs or {})
-    fn = jax.jit(lambda v, b: output_fn(model.apply(v, **b, **apply_kwargs), b))
-    return [fn(dict(variables), b) for b in check_batches(batches, "teacher_targets")]
+    """``output_fn(outputs, batch)`` of the float model for every batch (one jitted forward): a Linen
+    module and its variables (``model.apply(variables, **batch)``, frozen weights dequantized), or an NNX
+    module and ``None`` (``model(**batch)`` run as float, frozen weights dequantized)."""
+    from qjax.ptq.model import model_view
+
+    batches = check_batches(batches, "teacher_targets")
+    view = model_view(model, variables, (), batches[0], apply_kwargs, "teacher_targets")
+    return view_targets(view, batches, output_fn)
+
+
+def view_targets(view, batches: Sequence[Mapping], output_fn: OutputFn = first_output) -> list[jax.Array]:
+    """:func:`teacher_targets` of a model view (:mod:`qjax.ptq.model`) with its own float params."""
+    fn = jax.jit(lambda p, r, b: output_fn(view.apply(p, r, b), b))
+    return [fn(view.params, view.rest, b) for b in batches]
 
 
 def checked_batches(batches: Sequence[Mapping], steps: int, who: str) -> list[dict]:

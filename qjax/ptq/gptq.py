@@ -27,22 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qjax.granularity import PerChannel, PerGroup, PerTensor
-from qjax.ptq.capture import capture_fn, input_statistics
-from qjax.ptq.layers import (
-    Layer,
-    Path,
-    check_batches,
-    dequantized_params,
-    frozen_variables,
-    quantized_layers,
-    quantized_model,
-    weight,
-)
+from qjax.ptq.capture import capture_fn, input_statistics, statistics
+from qjax.ptq.layers import Layer, Path, check_batches, dequantized_params, weight
+from qjax.ptq.model import model_view
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, quantize
 from qjax.scales import COMPUTED_RULES, compute_scale
@@ -210,32 +201,38 @@ def _stage(layer: Layer) -> Path:
     return layer.module
 
 
-def hessians(model: nn.Module, variables: Mapping, batches: Sequence[Mapping], modules: Sequence[Path], *,
+def hessians(model, variables: Mapping | None, batches: Sequence[Mapping], modules: Sequence[Path], *,
              token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None
              ) -> dict[Path, jax.Array]:
-    """``{module path: H = 2 X^T X / n}`` over the non-padding input rows of each module (interception)."""
+    """``{module path: H = 2 X^T X / n}`` over the non-padding input rows of each module's weight
+    contraction (:mod:`qjax.ptq.capture`); ``model``/``variables`` a Linen module and its variables, or an
+    NNX module and ``None``."""
     stats = input_statistics(model, variables, batches, modules, hessian_stat, token_mask=token_mask,
                              apply_kwargs=apply_kwargs)
     return {path: _mean_hessian(h, count) for path, (h, count) in stats.items()}
 
 
-def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
+def gptq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
          block_size: int = 128, damp: float = 0.01, act_order: bool = False, sequential: bool = True,
-         token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None) -> dict:
-    """GPTQ of every weight the rules quantize; returns frozen variables (packed QArrays).
+         token_mask: str | None = "attention_mask", apply_kwargs: Mapping | None = None):
+    """GPTQ of every weight the rules quantize; returns the frozen model (packed QArrays).
 
-    The Hessian of each Dense-like module's input is collected by interception over the calibration
-    ``batches`` (padding tokens left out). ``sequential=True`` (the paper's protocol, by block) quantizes
-    the model block by block (``encoder/layer/0``, ``.../1``, ...): a block's Hessians are collected with
-    every earlier block already quantized, so later layers correct the earlier error; ``False`` collects
-    every Hessian from the float model in one pass (faster, slightly worse).
+    Linen: ``gptq(model, variables, rules, batches)`` returns frozen variables. NNX:
+    ``gptq(model, None, rules, batches)`` quantizes and freezes the ``nnx.Module`` in place
+    (:class:`qjax.nnx.PackedWeight` weights) and returns it.
+
+    The Hessian of each Dense-like module's input is collected by interception of its weight contraction
+    over the calibration ``batches`` (padding tokens left out). ``sequential=True`` (the paper's protocol,
+    by block) quantizes the model block by block (``encoder/layer/0``, ``.../1``, ...): a block's Hessians
+    are collected with every earlier block already quantized, so later layers correct the earlier error;
+    ``False`` collects every Hessian from the float model in one pass (faster, slightly worse).
     """
     batches = check_batches(batches, "gptq")
-    apply_kwargs = dict(apply_kwargs or {})
-    qmodel = quantized_model(model, rules)
-    layers = quantized_layers(qmodel, variables, batches[0], apply_kwargs)
+    view = model_view(model, variables, rules, batches[0], apply_kwargs, "gptq")
+    layers = view.layers
+    params = view.params
     for layer in layers:
-        w = weight(variables["params"], layer)
+        w = weight(params, layer)
         if layer.contract != 1 or w.ndim != 2:
             raise ValueError(f"gptq: {layer.name} is not a Dense (in, out) kernel (shape {w.shape}); "
                              "allowed: 2-D kernels of Dense-like modules (exclude the others by rule)")
@@ -243,13 +240,12 @@ def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping]
     for layer in layers:
         stages.setdefault(_stage(layer) if sequential else (), []).append(layer)
     qarrays: dict[Path, QArray] = {}
-    params = variables["params"]
     modules = list(dict.fromkeys(layer.module for layer in layers))
-    fn = capture_fn(qmodel.model, modules, hessian_stat, token_mask=token_mask, apply_kwargs=apply_kwargs)
+    fn = capture_fn(view, modules, hessian_stat, token_mask=token_mask)
     for stage_layers in stages.values():  # one compiled forward; each stage computes only its Hessians
-        current = {**variables, "params": dequantized_params(params, qarrays)}
         active = {layer.module: True for layer in stage_layers}
-        stats = input_statistics(qmodel.model, current, batches, modules, hessian_stat, fn=fn, active=active)
+        stats = statistics(view, dequantized_params(params, qarrays), batches, modules, hessian_stat, fn=fn,
+                           active=active)
         for layer in stage_layers:
             h, count = stats[layer.module]
             w = weight(params, layer)
@@ -258,4 +254,4 @@ def gptq(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping]
                                                  block_size=block_size, damp=damp, act_order=act_order)
             except ValueError as err:
                 raise ValueError(f"gptq: layer {layer.name}: {err}") from None
-    return frozen_variables(variables, layers, qarrays)
+    return view.frozen(qarrays)

@@ -1,26 +1,33 @@
-"""Which weights a PTQ method quantizes, and how its results become frozen params.
+"""Which weights a PTQ method quantizes, where they live in a params tree, and the Linen frozen result.
 
-Every PTQ method in :mod:`qjax.ptq` takes ``(model, variables, rules, batches)``: a Flax Linen module, its
-float variables, the :class:`~qjax.Rule` list saying which weights get which quantizer, and calibration
-batches. A *batch* is a dict of arrays passed to ``model.apply(variables, **batch, **apply_kwargs)``;
-``apply_kwargs`` holds the static, non-array arguments (e.g. ``deterministic=True``).
+Every PTQ method in :mod:`qjax.ptq` takes ``(model, variables, rules, batches)``: a Flax Linen module with
+its float variables, or an NNX module with ``variables=None`` (:mod:`qjax.ptq.model`); the
+:class:`~qjax.Rule` list saying which weights get which quantizer; and calibration batches. A *batch* is a
+dict of arrays passed as keyword arguments to the model (``model.apply(variables, **batch, **apply_kwargs)``
+in Linen, ``model(**batch, **apply_kwargs)`` in NNX); ``apply_kwargs`` holds the static, non-array
+arguments (e.g. ``deterministic=True``).
 
-The quantized weights are the ones :class:`qjax.linen.QuantizedModel` assigns a rule with a ``weight``
-quantizer (the same table the QAT transform uses), so the rules mean the same in QAT and in PTQ. A method's
-result is a dict ``path -> QArray`` (unpacked codes, one per quantized weight); :func:`frozen_variables`
-puts them, packed as :func:`qjax.linen.freeze` packs them, into the variables, and the frozen variables run
-through ``quantize_model(model, rules).apply`` and :func:`qjax.summary.summary` like any frozen model.
+The quantized weights are the ones the front end's own table assigns a rule with a ``weight`` quantizer
+(:meth:`qjax.linen.QuantizedModel.table`, :func:`qjax.nnx.module_table`: the table the QAT transforms
+use), so the rules mean the same in QAT and in PTQ. Each is a :class:`Layer`; a method's result is a dict
+``path -> QArray`` (unpacked codes, one per quantized weight), which the model view turns into the front
+end's frozen model (:func:`frozen_variables` for Linen).
+
+A *params tree* is a nested dict keyed by module path components then the parameter name: Linen's
+``variables["params"]`` (partitioning boxes read through and written back), NNX's ``nnx.Param`` state as
+a pure dict (list indices as ``int`` keys; a :class:`Layer` path names them as strings).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 
-from qjax.linen import QuantizedModel, get_path, quantize_model, serving_variables, set_path
+from qjax.core import stacked_map
+from qjax.linen import rebox, serving_variables, unbox
 from qjax.qarray import QArray, dequantize, unpack
 from qjax.quantizer import Quantizer
 from qjax.serving import pack_for_serving
@@ -30,12 +37,14 @@ Path = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One quantized weight: its path in ``params`` (module path + parameter name), its quantizer and
-    how many trailing axes its module contracts (1 for Dense)."""
+    """One quantized weight: its path (module path + parameter name), its quantizer, how many leading
+    axes its module contracts (1 for Dense; :attr:`qjax.core.ModuleEntry.contract`) and how many leading
+    axes stack layers (``vmap``-stacked layers run by ``scan``: one quantization per layer)."""
 
     path: Path
     quantizer: Quantizer
     contract: int
+    stacked: int = 0
 
     @property
     def name(self) -> str:
@@ -61,41 +70,62 @@ def check_batches(batches: Sequence[Mapping[str, jax.Array]], who: str) -> list[
     return [dict(b) for b in batches]
 
 
-def quantized_model(model: nn.Module, rules) -> QuantizedModel:
-    """``quantize_model(model, rules)``; a :class:`~qjax.linen.QuantizedModel` passes through."""
-    if isinstance(model, QuantizedModel):
-        return model
-    return quantize_model(model, rules)
-
-
-def quantized_layers(qmodel: QuantizedModel, variables: Mapping, batch: Mapping,
-                     apply_kwargs: Mapping | None = None) -> list[Layer]:
+def quantized_layers(model, variables: Mapping | None, batch: Mapping, apply_kwargs: Mapping | None = None,
+                     rules=None) -> list[Layer]:
     """The weights the rules quantize, in the order the model calls their modules.
 
-    Raises ``ValueError`` when no weight matches (PTQ of nothing is a mistake, not a no-op).
+    ``model``: a :class:`~qjax.linen.QuantizedModel` (its rules; ``rules`` unused), a Linen module with
+    ``rules``, or an NNX module (``variables=None``) with ``rules``. Raises ``ValueError`` when no weight
+    matches (PTQ of nothing is a mistake, not a no-op).
     """
-    table = qmodel.table(dict(variables), **batch, **dict(apply_kwargs or {}))
-    layers = [Layer((*entry.path, name), entry.rule.weight, entry.contract)
-              for entry in table.values() for name in entry.weights]
-    if not layers:
-        raise ValueError(f"no weight matched a rule with a weight quantizer; rules: "
-                         f"{[r.label for r in qmodel.rules]}; modules: {sorted(table)[:20]}")
-    return layers
+    from qjax.ptq.model import model_view
+
+    return model_view(model, variables, rules, batch, apply_kwargs, "quantized_layers").layers
+
+
+def _key(tree: Mapping, part: str):
+    """The key of ``tree`` named ``part`` (an NNX list index is an ``int`` key named ``"0"``)."""
+    if part in tree:
+        return part
+    return next((k for k in tree if str(k) == part), None)
+
+
+def get_path(tree, path: Path, default=None):
+    """The value at ``path`` (keys matched by name) in a nested dict, else ``default``."""
+    for part in path:
+        key = _key(tree, part) if isinstance(tree, Mapping) else None
+        if key is None:
+            return default
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: Mapping, path: Path, value) -> dict:
+    key = _key(tree, path[0])
+    key = path[0] if key is None else key
+    out = dict(tree)
+    if len(path) == 1:
+        out[key] = value if value is None else rebox(tree.get(key), value)
+    else:
+        out[key] = _set(tree.get(key) or {}, path[1:], value)
+    return out
 
 
 def weight(params: Mapping, layer: Layer) -> jax.Array:
-    """The float weight of ``layer`` in ``params`` (a QArray there is dequantized)."""
-    w = get_path(params, layer.path)
+    """The float weight of ``layer`` in ``params`` (read through a partitioning box; a QArray there is
+    dequantized)."""
+    w = unbox(get_path(params, layer.path))
     if w is None:
         raise ValueError(f"parameter {layer.name!r} is missing from params")
     return dequantize(w) if isinstance(w, QArray) else w
 
 
-def with_weights(params: Mapping, values: Mapping[Path, jax.Array | QArray]) -> dict:
-    """A copy of ``params`` with the weight at each path replaced by ``values[path]``."""
+def with_weights(params: Mapping, values: Mapping[Path, jax.Array | QArray | None]) -> dict:
+    """A copy of ``params`` with the weight at each path replaced by ``values[path]`` (in the old value's
+    partitioning box, if any)."""
     out = dict(params)
     for path, value in values.items():
-        out = set_path(out, path, value)
+        out = _set(out, path, value)
     return out
 
 
@@ -104,9 +134,23 @@ def dequantized_params(params: Mapping, qarrays: Mapping[Path, QArray]) -> dict:
     return with_weights(params, {p: dequantize(q) for p, q in qarrays.items()})
 
 
+def packed(layer: Layer, qa: QArray) -> QArray:
+    """``qa`` packed the way every freeze stores it (:func:`qjax.serving.pack_for_serving`: along K for
+    Dense-like layers), one packing per layer of a stacked weight."""
+    if not layer.stacked:
+        return pack_for_serving(unpack(qa), layer.contract)
+    return _packed_stacked(layer.contract, layer.stacked, qa)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _packed_stacked(contract: int, stacked: int, qa: QArray) -> QArray:
+    # one compilation per shape, not one per eager op under vmap
+    return stacked_map(lambda q: pack_for_serving(unpack(q), contract), stacked)(qa)
+
+
 def frozen_variables(variables: Mapping, layers: Sequence[Layer], qarrays: Mapping[Path, QArray]) -> dict:
-    """Serving variables: each quantized weight as a QArray packed the way :func:`qjax.linen.freeze`
-    packs it (along K for Dense-like layers, :func:`qjax.serving.pack_for_serving`); other collections
-    and input scales kept (:func:`qjax.linen.serving_variables`)."""
-    packed = {layer.path: pack_for_serving(unpack(qarrays[layer.path]), layer.contract) for layer in layers}
-    return serving_variables(variables, with_weights(variables["params"], packed))
+    """Linen serving variables: each quantized weight as a QArray packed the way :func:`qjax.linen.freeze`
+    packs it (:func:`packed`); other collections and input scales kept
+    (:func:`qjax.linen.serving_variables`)."""
+    values = {layer.path: packed(layer, qarrays[layer.path]) for layer in layers}
+    return serving_variables(variables, with_weights(variables["params"], values))

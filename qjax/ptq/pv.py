@@ -16,7 +16,8 @@ scales ``s`` and zero points ``z``: ``W_q = s * (c - z)`` per group (:func:`qjax
   given), so at most ``ceil(tau * size)`` codes of a weight change per V step and codes never leave the grid.
 
 The loss is the teacher-student MSE of :mod:`qjax.ptq.distill`. One forward-backward per step gives both
-gradients (``dL/dW_q`` through an added zero ``delta``); the whole step is one jitted function.
+gradients (``dL/dW_q`` through an added zero ``delta``) of the float model run with the dequantized weights
+(:mod:`qjax.ptq.model`, Linen or NNX); the whole step is one jitted function.
 """
 
 from __future__ import annotations
@@ -25,22 +26,13 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.linen import float_view, get_path
-from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
-from qjax.ptq.layers import (
-    Layer,
-    Path,
-    frozen_variables,
-    quantized_layers,
-    quantized_model,
-    weight,
-    with_weights,
-)
+from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, view_targets
+from qjax.ptq.layers import Layer, Path, weight, with_weights
+from qjax.ptq.model import model_view
 from qjax.qarray import QArray, dequantize, unpack
 from qjax.quantizer import Quantizer, quantize
 
@@ -95,54 +87,58 @@ def _qarrays(layers: Sequence[Layer], templates: Mapping[Path, QArray], scales, 
             for layer in layers}
 
 
-def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
-              teacher: Mapping | None = None, steps: int = 100, p_learning_rate: float = 3e-4,
+def pv_tuning(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
+              teacher=None, steps: int = 100, p_learning_rate: float = 3e-4,
               v_learning_rate: float = 1e-2, tau: float = 0.01, output_fn: OutputFn = first_output,
-              apply_kwargs: Mapping | None = None, progress: Callable | None = None
-              ) -> tuple[dict, list[float]]:
-    """PV-tuning (module docstring); returns ``(frozen variables, per-step losses)``.
+              apply_kwargs: Mapping | None = None, progress: Callable | None = None):
+    """PV-tuning (module docstring); returns ``(frozen model, per-step losses)``.
 
-    ``variables``: frozen variables to start from (e.g. :func:`qjax.ptq.gptq`'s) or float ones (then
-    rounded to nearest); ``teacher``: the float model's variables (default: ``variables`` if float).
+    Linen: ``pv_tuning(model, variables, rules, batches)``; ``variables`` frozen variables to start from
+    (e.g. :func:`qjax.ptq.gptq`'s) or float ones (then rounded to nearest), ``teacher`` the float model's
+    variables (default: ``variables`` if float); returns frozen variables. NNX:
+    ``pv_tuning(model, None, rules, batches)``; ``model`` frozen (e.g. by :func:`qjax.ptq.gptq`) or float,
+    ``teacher`` a float ``nnx.Module`` of the same structure (default: ``model`` if float); ``model`` is
+    frozen in place with the tuned codes and scales (:class:`qjax.nnx.PackedWeight`) and returned.
     Each step is one P step and one V step on one batch; all batches must share their shapes.
     """
     batches = checked_batches(batches, steps, "pv_tuning")
     if not 0 < tau <= 1:
         raise ValueError(f"pv_tuning: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
-    apply_kwargs = dict(apply_kwargs or {})
-    qmodel = quantized_model(model, rules)
-    layers = quantized_layers(qmodel, float_view(variables), batches[0], apply_kwargs)
-    params = variables["params"]
+    view = model_view(model, variables, rules, batches[0], apply_kwargs, "pv_tuning")
+    layers = view.layers
+    params = view.params
     templates = {}
     for layer in layers:
-        w = get_value(params, layer)
-        if not isinstance(w, QArray):
-            w = quantize(layer.quantizer, w)
+        if layer.stacked:
+            raise ValueError(f"pv_tuning: {layer.name} stacks {layer.stacked} layer axis (run by scan); "
+                             "allowed: unstacked weights (exclude it by rule)")
+        w = view.frozen_start.get(layer.path)
+        if w is None:
+            w = quantize(layer.quantizer, weight(params, layer))
         if w.fmt.kind not in ("int", "ternary") or w.bases != 1:
             raise ValueError(f"pv_tuning: {layer.name} has format {w.format!r}; allowed: scalar integer "
                              "grids (int2..int8, uint2..uint8, ternary)")
         templates[layer.path] = unpack(w)
-    if teacher is None and any(isinstance(get_value(params, layer), QArray) for layer in layers):
-        raise ValueError("pv_tuning: variables are already quantized; pass teacher= (the float variables)")
-    teacher = float_view(teacher if teacher is not None else variables)
-    targets = teacher_targets(qmodel.model, teacher, batches, output_fn, apply_kwargs)
-    rest = {k: v for k, v in variables.items() if k not in ("params", "quant")}
+    if teacher is None and any(layer.path in view.frozen_start for layer in layers):
+        raise ValueError("pv_tuning: the model is already quantized; pass teacher= (the float "
+                         f"{'variables' if view.front_end == 'linen' else 'nnx.Module'})")
+    targets = view_targets(view.teacher(teacher), batches, output_fn)
 
     p_opt = optax.adam(p_learning_rate, b1=0.9, b2=0.95)
     v_opt = optax.lamb(v_learning_rate, b1=0.0, b2=0.95, weight_decay=0.0)
 
-    def loss_fn(continuous, deltas, codes, batch, target):
+    def loss_fn(continuous, deltas, codes, rest, batch, target):
         floats, scales = continuous
         qarrays = _qarrays(layers, templates, scales, codes)
         values = {layer.path: dequantize(qarrays[layer.path]) + deltas[layer.name] for layer in layers}
-        out = qmodel.model.apply({**rest, "params": with_weights(floats, values)}, **batch, **apply_kwargs)
+        out = view.apply(with_weights(floats, values), rest, batch)
         return mse(output_fn(out, batch), target)
 
     @jax.jit
-    def step(state: PVState, batch, target):
+    def step(state: PVState, rest, batch, target):
         deltas = jax.tree_util.tree_map(jnp.zeros_like, state.buffers)
         loss, (g_cont, g_w) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-            (state.floats, state.scales), deltas, state.codes, batch, target)
+            (state.floats, state.scales), deltas, state.codes, rest, batch, target)
         # P step: the continuous parameters, codes fixed.
         cont = (state.floats, state.scales)
         updates, p_state = p_opt.update(g_cont, state.p_state, cont)
@@ -158,12 +154,8 @@ def pv_tuning(model: nn.Module, variables: Mapping, rules, batches: Sequence[Map
     floats, scales, codes = _split(params, layers, templates)
     buffers = {layer.name: dequantize(templates[layer.path]).astype(jnp.float32) for layer in layers}
     state = PVState(floats, scales, codes, buffers, p_opt.init((floats, scales)), v_opt.init(buffers))
-    state, losses = run_steps(step, state, batches, targets, steps, progress)
+    state, losses = run_steps(lambda s, b, t: step(s, view.rest, b, t), state, batches, targets, steps,
+                              progress)
     final = _qarrays(layers, templates, state.scales, state.codes)
-    return frozen_variables({**variables, "params": state.floats}, layers, final), losses
-
-
-def get_value(params: Mapping, layer: Layer) -> jax.Array | QArray:
-    """The stored weight of ``layer``: a QArray if it is frozen, else the float array."""
-    w = get_path(params, layer.path)
-    return w if w is not None else weight(params, layer)
+    floats = with_weights(state.floats, {p: dequantize(q) for p, q in final.items()})
+    return view.frozen(final, floats), losses

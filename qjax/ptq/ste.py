@@ -7,56 +7,54 @@ weights and the float ones) takes Adam steps on the teacher-student loss (:mod:`
 
     ``W <- W - lr * adam(dL/dW_q)``,   ``W_q = fake_quant(q, W)``,
 
-then :func:`qjax.linen.freeze` turns the latent weights into packed codes with exactly the codes training
-used. Starting from frozen variables (e.g. the output of :func:`qjax.ptq.gptq`) starts from their
-dequantized weights, so STE and PV-tuning can share an initial quantization, as in the paper.
+then the front end's freeze (:func:`qjax.linen.freeze`, :func:`qjax.nnx.freeze`) turns the latent weights
+into packed codes with exactly the codes training used. Starting from a frozen model (e.g. the output of
+:func:`qjax.ptq.gptq`) starts from its dequantized weights, so STE and PV-tuning can share an initial
+quantization, as in the paper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import optax
 
-from qjax.linen import float_view, freeze
-from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, teacher_targets
-from qjax.ptq.layers import quantized_layers, quantized_model
+from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, view_targets
+from qjax.ptq.model import model_view
 
 
-def ste_finetune(model: nn.Module, variables: Mapping, rules, batches: Sequence[Mapping], *,
-                 teacher: Mapping | None = None, steps: int = 100, learning_rate: float = 1e-4,
+def ste_finetune(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
+                 teacher=None, steps: int = 100, learning_rate: float = 1e-4,
                  optimizer: optax.GradientTransformation | None = None, output_fn: OutputFn = first_output,
-                 apply_kwargs: Mapping | None = None, progress: Callable | None = None
-                 ) -> tuple[dict, list[float]]:
-    """STE fine-tuning (module docstring); returns ``(frozen variables, per-step losses)``.
+                 apply_kwargs: Mapping | None = None, progress: Callable | None = None):
+    """STE fine-tuning (module docstring); returns ``(frozen model, per-step losses)``.
 
-    ``variables``: float or frozen start; ``teacher``: the float model's variables (default: ``variables``,
-    which must then be float). ``optimizer`` defaults to ``optax.adam(learning_rate)``. One jitted step.
+    Linen: ``ste_finetune(model, variables, rules, batches)``; ``variables`` float or frozen (the start),
+    ``teacher`` the float model's variables (default: ``variables``, which must then be float); returns
+    frozen variables. NNX: ``ste_finetune(model, None, rules, batches)``; ``model`` float or frozen (the
+    start), ``teacher`` a float ``nnx.Module`` of the same structure (default: ``model`` as it is now);
+    ``model`` is quantized in place by the rules, trained, frozen (:class:`qjax.nnx.PackedWeight`) and
+    returned. ``optimizer`` defaults to ``optax.adam(learning_rate)``; every parameter trains (learned
+    quantization scales stay as they are). One jitted step.
     """
     batches = checked_batches(batches, steps, "ste_finetune")
-    apply_kwargs = dict(apply_kwargs or {})
-    qmodel = quantized_model(model, rules)
-    start = float_view(variables)
-    quantized_layers(qmodel, start, batches[0], apply_kwargs)  # fails early when the rules match nothing
-    teacher = float_view(teacher if teacher is not None else variables)
-    targets = teacher_targets(qmodel.model, teacher, batches, output_fn, apply_kwargs)
+    view = model_view(model, variables, rules, batches[0], apply_kwargs, "ste_finetune")
+    _ = view.layers  # raises when the rules match nothing (before any training)
+    targets = view_targets(view.teacher(teacher), batches, output_fn)
     optimizer = optimizer or optax.adam(learning_rate)
-    frozen_rest = {k: v for k, v in start.items() if k != "params"}
+    params, rest, apply, finish = view.student()
 
-    def loss_fn(params, batch, target):
-        out = qmodel.apply({**frozen_rest, "params": params}, **batch, **apply_kwargs)
-        return mse(output_fn(out, batch), target)
+    def loss_fn(params, rest, batch, target):
+        return mse(output_fn(apply(params, rest, batch), batch), target)
 
     @jax.jit
     def step(state, batch, target):
-        params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, target)
+        params, opt_state, rest = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, target)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        return (optax.apply_updates(params, updates), opt_state, rest), loss
 
-    state = (start["params"], optimizer.init(start["params"]))
-    (params, _), losses = run_steps(step, state, batches, targets, steps, progress)
-    trained = {**frozen_rest, "params": params}
-    return freeze(qmodel, trained, **batches[0], **apply_kwargs), losses
+    (params, _, _), losses = run_steps(step, (params, optimizer.init(params), rest), batches, targets, steps,
+                                       progress)
+    return finish(params), losses
