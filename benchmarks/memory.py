@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.machine import cpu_name
+from benchmarks.machine import cpu_name, write_results
 
 GOAL = 1.1  # qjax's peak live bytes / float parameter bytes
 CONFIGS = {
@@ -442,13 +442,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     results["qjax_peak_ratio"] = qj["peak_ratio"]
     results["qwix_peak_ratio"] = results["qwix"].get("peak_ratio", "not measured")
     results["goal_met"] = qj["peak_ratio"] <= GOAL
-    results["environment"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    print(f"wrote {out}")
-    return results
+    return write_results(results, args.out, table(results))
 
 
 if __name__ == "__main__":

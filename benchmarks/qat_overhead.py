@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import re
@@ -56,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 import qjax
-from benchmarks.machine import cpu_name
+from benchmarks.machine import cpu_name, write_results
 from qjax import PerChannel, PerToken, Quantizer, Rule
 from qjax import linen as qlinen
 from qjax.machine import _cpu_flags, int8_product_is_faster, resolve_product
@@ -274,7 +273,7 @@ def _jsonable(value):
     return str(value)
 
 
-def reported_paths(qmodel, variables, x, product: str | None = None) -> dict | None:
+def reported_paths(qmodel, variables, x) -> dict | None:
     """``QuantizedModel.paths``: module -> the path its QAT contraction took ("fused fake-quant float",
     "int8 dot_general", "fake-quant float", ...) for a qjax model; ``None`` for a peer."""
     paths = getattr(qmodel, "paths", None) if isinstance(qmodel, qlinen.QuantizedModel) else None
@@ -322,7 +321,7 @@ def prepare(method: Method, case: Case, x, labels, tx, reference: dict | None = 
         state[0], state[1], loss = compiled(state[0], state[1], variables, x, labels)
         jax.block_until_ready((state[0], loss))
 
-    paths = reported_paths(method.qmodel, {"params": params, **variables}, x, method.product)
+    paths = reported_paths(method.qmodel, {"params": params, **variables}, x)
     initial = {"params": params, **variables}
     return Prepared(method, run, compile_s, hlo_dots(compiled.as_text()), paths, initial,
                     shared_init=reference is not None and initial["params"] is reference["params"])
@@ -458,13 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{case.name}: {case.shape}", flush=True)
             results["models"][case.name] = time_case(case, warmup, rounds, per_round, names,
                                                      log=lambda s: print(s, flush=True))
-    results["environment"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    print(f"wrote {out}")
-    return results
+    return write_results(results, args.out, table(results))
 
 
 if __name__ == "__main__":

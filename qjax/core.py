@@ -37,8 +37,9 @@ from qjax import qat
 from qjax.int_matmul import integer_eligible, qat_matmul
 from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray
-from qjax.quantizer import Quantizer
+from qjax.quantizer import Quantizer, quantize
 from qjax.rules import Rule
+from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
 
 FLOAT, FAKE_QUANT, AT_MODULE, INT8, FUSED_FLOAT, PACKED, DEQUANTIZED = (
     "float", "fake-quant float", "fake-quant float (at the module)", "int8 dot_general",
@@ -126,8 +127,6 @@ def execution_path(entry: ModuleEntry | None, hparams: Mapping, settings: Settin
     ``fused fake-quant float`` (one custom-VJP op, :func:`qjax.int_matmul.qat_matmul`, product from
     ``settings``), ``fake-quant float``, ``fake-quant float (at the module)`` (a weight no interceptable op
     contracts, e.g. ``x @ w``), ``packed matmul`` or ``dequantized float`` (frozen ``frozen``)."""
-    from qjax.serving import packed_layout
-
     if entry is None or not entry.weights:
         return FLOAT
     use = entry.use(entry.weights[0])
@@ -217,10 +216,10 @@ class Call:
     def handle(self, op: str, original, args: tuple, kwargs: dict):
         """The quantized version of ``original(*args, **kwargs)`` (module docstring)."""
         position, weight = self._find_weight(op, args)
+        contract = (dot_contract(jnp.ndim(args[0]), jnp.ndim(args[1]), args[2])
+                    if weight is not None and op == "dot_general" and position == 1 else 0)
         if self.recorder is not None:
             if weight is not None:
-                contract = (dot_contract(jnp.ndim(args[0]), jnp.ndim(args[1]), args[2])
-                            if op == "dot_general" and position == 1 else 0)
                 self.recorder.setdefault(weight.name, Use(op, position, contract))
             return original(*args, **kwargs)
         rule = self.rule
@@ -231,8 +230,6 @@ class Call:
                              if i in operand_positions(op, args) else a for i, a in enumerate(args))
             return original(*args, **kwargs)
         path = execution_path(self.entry, self.hparams, self.settings, weight.frozen, jnp.ndim(weight.raw))
-        contract = dot_contract(jnp.ndim(args[0]), jnp.ndim(args[1]), args[2]) \
-            if op == "dot_general" and position == 1 else 0
         if path in (PACKED, *FUSED_PATHS) and contract == (1 if path == PACKED else self.entry.contract):
             return self._fused(path, args, kwargs, weight, contract)
         args = list(args)
@@ -249,8 +246,6 @@ class Call:
 
     def _fused(self, path: str, args, kwargs, weight: Weight, contract: int):
         """``x . w`` as one op: the packed matmul of a frozen weight, or the fused QAT matmul."""
-        from qjax.serving import frozen_matmul
-
         x, w = args[0], args[1]
         dtype = kwargs.get("preferred_element_type") or (args[5] if len(args) > 5 else None) \
             or jnp.result_type(x, w)
@@ -263,6 +258,54 @@ class Call:
         y = qat_matmul(x, weight.raw, rule.weight, rule.input, self.input_scale, weight.scale, self.hparams,
                        contract, product)
         return y.astype(dtype)
+
+
+@dataclasses.dataclass
+class Record:
+    """What the record pass saw of one module: its class name, own array parameters, their shapes as the
+    module held them (a stacked layer's slice inside ``scan``), how its ops used them, and its first input."""
+
+    type_name: str
+    params: tuple[str, ...]
+    shapes: dict = dataclasses.field(default_factory=dict)
+    uses: dict = dataclasses.field(default_factory=dict)
+    inputs: Any = None
+
+    def observe(self, own: Mapping[str, Any], args: tuple) -> Call:
+        """Note one call's parameter shapes and first input; the recording :class:`Call` to run it under."""
+        self.shapes.update({k: jnp.shape(v) for k, v in own.items()})
+        if self.inputs is None and args and hasattr(args[0], "dtype"):
+            self.inputs = args[0]
+        return Call(None, {k: Weight(k, v, v) for k, v in own.items()}, {}, Settings(), recorder=self.uses)
+
+    def entry(self, path: tuple[str, ...], contracted: set[str], stored: Mapping[str, tuple]) -> ModuleEntry:
+        """The module's :class:`ModuleEntry` (rule unset), given the names of its parameters that reach a
+        contraction (:mod:`qjax.discovery`) and their stored shapes: leading axes the module never sees are
+        stacked layers. A weight the core saw contracted but that is no leaf of the model's own variables
+        (a nested ``.apply``'s) counts as contracted too."""
+        hit = set(contracted) or set(self.uses)
+        stacked = max((len(stored[p]) - len(self.shapes[p]) for p in hit if p in stored and p in self.shapes),
+                      default=0)
+        return ModuleEntry(path, self.type_name, self.params, tuple(p for p in self.params if p in hit),
+                           tuple(sorted(self.uses.items())), max(stacked, 0))
+
+
+def quantize_at_module(entry: ModuleEntry, args: tuple, input_scale, hparams: Mapping) -> tuple:
+    """The call's arguments with its first input quantized by the rule's ``input`` quantizer when no
+    interceptable op contracts the module's weight (path ``fake-quant float (at the module)``)."""
+    if entry.intercepted or entry.rule.input is None or not args:
+        return args
+    return (qat.quantize_input(entry.rule.input, args[0], input_scale, dict(hparams)), *args[1:])
+
+
+def frozen_weight(q: Quantizer, w: jax.Array, scale, hparams: Mapping, contract: int, stacked: int) -> QArray:
+    """The serving QArray of a trained weight: exactly QAT's codes and scales, packed as
+    :func:`qjax.serving.pack_for_serving` packs (one set per stacked layer). Jitted: one fused program, so
+    freezing holds no full-size temporaries beside the model."""
+    def one(v, s):
+        return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, dict(hparams))), contract)
+
+    return jax.jit(stacked_map(one, stacked))(w, scale)
 
 
 def stacked_map(fn, stacked: int):

@@ -26,7 +26,6 @@ and the kernel backend are static settings of the quantized model (:class:`qjax.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,18 +44,19 @@ from qjax.core import (
     PACKED,
     Call,
     ModuleEntry,
+    Record,
     Settings,
     Weight,
     execution_path,
+    frozen_weight,
     initial_weight_scale,
+    quantize_at_module,
     stacked_map,
 )
 from qjax.discovery import contracted_leaves
 from qjax.interception import intercepting
 from qjax.qarray import QArray, dequantize
-from qjax.quantizer import quantize
 from qjax.rules import assign, check_rules, format_table
-from qjax.serving import pack_for_serving
 
 __all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FLOAT", "FUSED_FLOAT", "FUSED_PATHS", "INPUT_KEY",
            "INT8", "PACKED", "ModuleEntry", "QuantizedModel", "float_view", "freeze",
@@ -152,14 +152,6 @@ def _param_leaves(params: Mapping):
     return [leaf for _, leaf in flat], treedef, names
 
 
-@dataclasses.dataclass
-class _Seen:
-    type_name: str
-    params: tuple[str, ...]
-    shapes: dict
-    uses: dict
-
-
 class QuantizedModel:
     """A Linen model with quantization rules applied at ``init``/``apply`` time (module docstring)."""
 
@@ -175,7 +167,8 @@ class QuantizedModel:
 
     # --- which module gets which rule --------------------------------------------------------------
 
-    def _recording(self, seen: dict, inputs: dict | None = None):
+    def _recording(self, seen: dict[tuple[str, ...], Record]):
+        """Flax interception for the record pass: each module call observed into ``seen`` (by path)."""
         paths = _Paths()
 
         def interceptor(next_fun, args, kwargs, context):
@@ -184,14 +177,10 @@ class QuantizedModel:
                 return next_fun(*args, **kwargs)
             path = paths.of(module)
             own = _own_params(module)
-            record = seen.setdefault(path, _Seen(type(module).__name__, tuple(own), {}, {}))
-            record.shapes.update({k: jax.numpy.shape(v) for k, v in own.items()})
-            if inputs is not None and args:
-                inputs.setdefault(path, args[0])
-            weights = {k: Weight(k, v, v) for k, v in own.items()}
+            record = seen.setdefault(path, Record(type(module).__name__, tuple(own)))
             paths.stack.append(path)
             try:
-                with intercepting(Call(None, weights, {}, self.settings, recorder=record.uses).handle):
+                with intercepting(record.observe(own, args).handle):
                     return next_fun(*args, **kwargs)
             finally:
                 paths.stack.pop()
@@ -205,28 +194,18 @@ class QuantizedModel:
         if key not in self._tables:
             plain = float_view({k: v for k, v in variables.items() if k != "quant"})
             leaves, treedef, names = _param_leaves(plain.get("params", {}))
-            seen: dict = {}
+            seen: dict[tuple[str, ...], Record] = {}
 
             def run(ls):
                 with self._recording(seen):
                     v = {**plain, "params": jax.tree_util.tree_unflatten(treedef, ls)}
                     return self.model.apply(v, *args, **{**kwargs, "mutable": True})
 
-            contracted = contracted_leaves(run, leaves)
-            stored = {names[i]: leaves[i] for i in range(len(leaves))}
-            by_module: dict = {}
-            for i in contracted:
-                by_module.setdefault(names[i][0], set()).add(names[i][1])
-            entries = []
-            for path, record in seen.items():
-                hit = by_module.get(path, set())
-                stacked = max((len(jax.numpy.shape(stored[(path, p)])) - len(record.shapes[p])
-                               for p in hit if (path, p) in stored), default=0)
-                if not hit and record.uses:  # a nested .apply's weight: not a leaf of our params
-                    hit = set(record.uses)
-                entries.append(ModuleEntry(path, record.type_name, record.params,
-                                           tuple(p for p in record.params if p in hit),
-                                           tuple(sorted(record.uses.items())), max(stacked, 0)))
+            contracted = {names[i] for i in contracted_leaves(run, leaves)}
+            stored = {name: jax.numpy.shape(leaf) for name, leaf in zip(names, leaves, strict=True)}
+            entries = [record.entry(path, {p for m, p in contracted if m == path},
+                                    {p: shape for (m, p), shape in stored.items() if m == path})
+                       for path, record in seen.items()]
             self._tables[key] = assign(self.rules, entries, warn=self.warn_unused)
         return self._tables[key]
 
@@ -255,14 +234,14 @@ class QuantizedModel:
         variables = dict(self.model.init(rngs, *args, **kwargs))
         table = self.table(variables, *args, **kwargs)
         quant: dict = {}
-        needs_inputs = any(e.rule is not None and qat.needs_state(e.rule.input) for e in table.values())
         inputs: dict = {}
-        if needs_inputs:
-            seen: dict = {}
-            with self._recording(seen, inputs):
+        if any(e.rule is not None and qat.needs_state(e.rule.input) for e in table.values()):
+            seen: dict[tuple[str, ...], Record] = {}
+            with self._recording(seen):
                 self.model.apply(variables, *args, **{**kwargs, "mutable": True,
                                                       "rngs": rngs if isinstance(rngs, Mapping)
                                                       else {"dropout": rngs}})
+            inputs = {path: record.inputs for path, record in seen.items() if record.inputs is not None}
         for entry in table.values():
             rule = entry.rule
             if rule is None:
@@ -345,8 +324,7 @@ class QuantizedModel:
                     else:  # inside a scan body (a per-layer slice) or a nested .apply's weight
                         weights[name] = Weight(name, own[name], own[name], get_path(quant, (*path, name)))
                 input_scale = get_path(quant, (*path, INPUT_KEY))
-                if not entry.intercepted and rule.input is not None and args:
-                    args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
+                args = quantize_at_module(entry, args, input_scale, hparams)
                 if not entry.intercepted:
                     weights = {}
                 handler = Call(entry, weights, hparams, self.settings, input_scale).handle
@@ -379,12 +357,8 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
             w = unbox(box)
             if w is None or isinstance(w, QArray):
                 continue
-            q = entry.rule.weight
-
-            def one(v, s, q=q, contract=entry.contract):
-                return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
-
-            packed = jax.jit(stacked_map(one, entry.stacked))(w, get_path(quant, where))  # no temporaries
+            packed = frozen_weight(entry.rule.weight, w, get_path(quant, where), hparams, entry.contract,
+                                   entry.stacked)
             params = set_path(params, where, rebox(box, packed))
     return serving_variables(variables, params)
 

@@ -43,18 +43,18 @@ from qjax.core import (
     PACKED,
     Call,
     ModuleEntry,
+    Record,
     Settings,
     Weight,
     execution_path,
+    frozen_weight,
     initial_weight_scale,
-    stacked_map,
+    quantize_at_module,
 )
 from qjax.discovery import contracted_leaves
 from qjax.interception import intercepting
 from qjax.qarray import QArray, dequantize
-from qjax.quantizer import quantize
 from qjax.rules import assign, check_rules, format_table
-from qjax.serving import pack_for_serving
 
 __all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FUSED_PATHS", "PACKED", "Hyperparameter", "Hyperparams",
            "PackedWeight", "QuantScale", "dry_run", "freeze",
@@ -142,17 +142,10 @@ def _value(module, name):
 
 def _record_call(module, method, args, kwargs):
     """Record pass: which own parameters the call contracts, by which op, at which shapes."""
-    path = getattr(module, CONFIG)
-    table = _local.record
     own = {k: v.get_value() for k, v in vars(module).items()
            if isinstance(v, nnx.Variable) and hasattr(v.get_raw_value(), "shape")}
-    record = table.setdefault(path, {"type": type(module).__name__, "params": tuple(own), "shapes": {},
-                                     "uses": {}, "inputs": None})
-    record["shapes"].update({k: jnp.shape(v) for k, v in own.items()})
-    if record["inputs"] is None and args and hasattr(args[0], "dtype"):
-        record["inputs"] = args[0]
-    weights = {k: Weight(k, v, v) for k, v in own.items()}
-    with intercepting(Call(None, weights, {}, Settings(), recorder=record["uses"]).handle):
+    record = _local.record.setdefault(getattr(module, CONFIG), Record(type(module).__name__, tuple(own)))
+    with intercepting(record.observe(own, args).handle):
         return method(module, *args, **kwargs)
 
 
@@ -187,8 +180,7 @@ def _module_call(module, config: _Config, method, args, kwargs):
         else:
             weights[name] = Weight(name, var.get_value(), var.get_value(), scale)
     input_scale = _value(module, INPUT_SCALE)
-    if not entry.intercepted and rule.input is not None and args:
-        args = (qat.quantize_input(rule.input, args[0], input_scale, hparams), *args[1:])
+    args = quantize_at_module(entry, args, input_scale, hparams)
     try:
         with intercepting(Call(entry, weights, hparams, config.settings, input_scale).handle):
             return method(module, *args, **kwargs)
@@ -268,8 +260,8 @@ def _record(model: nnx.Module, args, kwargs) -> tuple[dict, dict]:
             _swap(m, path)
         with _setting("record", records):
             out = copy(*args, **kwargs)
-        for rec in records.values():
-            rec["inputs"] = None  # tracers of this trace must not outlive it
+        for record in records.values():
+            record.inputs = None  # tracers of this trace must not outlive it
         return out
 
     contracted = {names[i] for i in contracted_leaves(run, [leaf for _, leaf in flat])}
@@ -281,17 +273,10 @@ def _record(model: nnx.Module, args, kwargs) -> tuple[dict, dict]:
 
 def _entries(model: nnx.Module, args, kwargs) -> list[ModuleEntry]:
     records, found = _record(model, args, kwargs)
-    entries = []
-    for path, _ in _modules(model):
-        rec = records.get(path)
-        if rec is None:
-            continue
-        hit = tuple(p for p in rec["params"] if (path, p) in found["contracted"])
-        stacked = max((len(found["stored"][(path, p)]) - len(rec["shapes"][p]) for p in hit
-                       if (path, p) in found["stored"]), default=0)
-        entries.append(ModuleEntry(tuple(path.split("/")) if path else (), rec["type"], rec["params"], hit,
-                                   tuple(sorted(rec["uses"].items())), max(stacked, 0)))
-    return entries
+    return [records[path].entry(tuple(path.split("/")) if path else (),
+                                {p for m, p in found["contracted"] if m == path},
+                                {p: shape for (m, p), shape in found["stored"].items() if m == path})
+            for path, _ in _modules(model) if path in records]
 
 
 def module_table(model: nnx.Module, rules, *args, **kwargs) -> dict[str, ModuleEntry]:
@@ -375,8 +360,8 @@ def _initial_input_scales(model, entries, args, kwargs) -> dict[str, jax.Array]:
             _swap(m, path)
         with _setting("record", records):
             copy(*args, **kwargs)
-        return {p: qat.initial_scale(q, jax.lax.stop_gradient(records[p]["inputs"]))
-                for p, q in wanted.items() if records.get(p, {}).get("inputs") is not None}
+        return {p: qat.initial_scale(q, jax.lax.stop_gradient(records[p].inputs))
+                for p, q in wanted.items() if p in records and records[p].inputs is not None}
 
     return run(state)
 
@@ -438,13 +423,8 @@ def freeze(model: nnx.Module, *, backend: str | None = None) -> None:
             var = getattr(module, param)
             if isinstance(var, PackedWeight):
                 continue
-            q = entry.rule.weight
-
-            def one(v, s, q=q, contract=entry.contract):
-                return pack_for_serving(quantize(q, v, scale=s, **qat.surrogate_kwargs(q, hparams)), contract)
-
-            # jitted: one fused program per weight, so no full-size temporaries beside the model
-            qa = jax.jit(stacked_map(one, entry.stacked))(var.get_value(), _value(module, _scale_name(param)))
+            qa = frozen_weight(entry.rule.weight, var.get_value(), _value(module, _scale_name(param)),
+                               hparams, entry.contract, entry.stacked)
             setattr(module, param, PackedWeight(qa, **var.get_metadata()))
             if hasattr(module, _scale_name(param)):
                 delattr(module, _scale_name(param))

@@ -71,9 +71,7 @@ class _View:
     rules: tuple
     who: str
 
-    @property
-    def table(self) -> dict:
-        raise NotImplementedError
+    table: dict  # module path -> ModuleEntry; each view sets it
 
     @functools.cached_property
     def layers(self) -> list[Layer]:
