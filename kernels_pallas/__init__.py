@@ -41,15 +41,26 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
 
     ``w_packed``: ``(ceil(K / (32 // bits)), N)`` uint32 words of :func:`kernels_pallas.layout.pack` (axis
     0);
-    ``scales`` (and the optional ``zero_point``): ``(1, N)`` per channel or ``(K / group_size, N)`` per
-    group; ``signed``: the codes were packed from a signed dtype (offset binary; binary ``{-1, +1}``).
+    ``scales`` (and the optional ``zero_point``), float: ``(1, N)`` per channel, ``(1, 1)`` per tensor or
+    ``(K / group_size, N)`` per group, also as ``(G, 1, N)`` (how a QArray quantized ``PerGroup(axis=0)``
+    lays out its scales); ``group_size``: ``None`` (one group, or ``K / G``) or a positive divisor of K;
+    ``signed``: the codes were packed from a signed dtype (offset binary; binary ``{-1, +1}``).
+    ``K = 0`` gives zeros ``(..., N)`` (an empty sum). Bad arguments raise ``ValueError`` here, before any
+    backend runs (shapes and dtypes are static, so also under ``jit``).
     Weight-only low-bit matmuls at small batch are memory bound, so reading packed words instead of a
     float weight is the speedup (Frantar et al., "MARLIN", 2024; Park et al., "LUT-GEMM", ICLR 2024).
     """
-    if bits not in layout.PACK_BITS or isinstance(bits, bool):
+    if layout._as_int(bits) not in layout.PACK_BITS:
         raise ValueError(f"bits={bits!r} has no packed matmul; allowed: {layout.PACK_BITS}")
-    _check_packed_operands(x, w_packed, scales, zero_point, bits, group_size)
+    bits = layout._as_int(bits)
+    if not isinstance(signed, bool | np.bool_):
+        raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
+    x, w_packed = _array(x, "x"), _array(w_packed, "w_packed")
+    scales, zero_point, group_size = _check_packed_operands(
+        x, w_packed, _array(scales, "scales"), _array(zero_point, "zero_point"), bits, group_size)
     backend = backends.resolve(backend)
+    if x.shape[-1] == 0:  # an empty sum
+        return jnp.zeros((*x.shape[:-1], w_packed.shape[1]), jnp.float32)
     if backend == "xla":
         return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
                                  zero_point=zero_point, signed=signed)
@@ -97,7 +108,13 @@ def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_s
     per-channel scales ``w_scales (1, N)`` or ``(N,)``. The integer sum is exact (:func:`int8_dot`); the
     scales multiply afterwards (Dettmers et al., "LLM.int8()", 2022; Xiao et al., "SmoothQuant", 2023).
     """
-    n = w_codes.shape[-1] if w_codes.ndim == 2 else None
+    x_codes, x_scales = _array(x_codes, "x_codes"), _array(x_scales, "x_scales")
+    w_codes, w_scales = _array(w_codes, "w_codes"), _array(w_scales, "w_scales")
+    _check_int8_operands(x_codes, w_codes)
+    for name, value in (("x_scales", x_scales), ("w_scales", w_scales)):
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"{name} of dtype {value.dtype}; allowed: a float dtype (float32)")
+    n = w_codes.shape[-1]
     if x_scales.shape != (*x_codes.shape[:-1], 1):
         raise ValueError(f"x_scales of shape {x_scales.shape} do not fit x_codes {x_codes.shape}; "
                          f"allowed: {(*x_codes.shape[:-1], 1)} (one scale per token)")
@@ -108,7 +125,15 @@ def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_s
     return acc.astype(jnp.float32) * x_scales.astype(jnp.float32) * w_scales.reshape(-1).astype(jnp.float32)
 
 
-def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_size: int | None) -> None:
+def _array(value, name: str):
+    """``value`` unless it is not an array (``None`` passes): ``TypeError`` naming ``name``."""
+    if value is None or (hasattr(value, "shape") and hasattr(value, "dtype")):
+        return value
+    raise TypeError(f"{name} is a {type(value).__name__}; allowed: an array (jax.Array or numpy.ndarray)")
+
+
+def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_size: int | None):
+    """Checked ``(scales, zero_point, group_size)``, the scales (and zero point) as ``(G, N)`` matrices."""
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
                          "(float32, bfloat16, float16)")
@@ -119,15 +144,38 @@ def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_siz
                          f"K={k} {bits}-bit codes; allowed: uint32 ({words}, N) from "
                          f"kernels_pallas.layout.pack(codes, {bits}, axis=0) (qjax.packing.pack)")
     n = w_packed.shape[1]
-    groups = scales.shape[0] if scales.ndim == 2 else 0
-    if (scales.ndim != 2 or scales.shape[1] != n or groups == 0 or k % groups
-            or (group_size is not None and k // groups != group_size)):
-        raise ValueError(f"scales of shape {scales.shape} do not fit K={k}, N={n} with group_size="
-                         f"{group_size}; allowed: (1, {n}) or (K / group_size, {n}) with group_size "
-                         "dividing K")
-    if zero_point is not None and zero_point.shape != scales.shape:
-        raise ValueError(f"zero_point of shape {zero_point.shape}; allowed: None or the scales' shape "
-                         f"{scales.shape}")
+    if group_size is not None:
+        size = layout._as_int(group_size)
+        if size is None or size < 1 or k % size:
+            raise ValueError(f"group_size={group_size!r} does not divide K={k}; allowed: None or one of "
+                             f"{[d for d in range(1, k + 1) if k % d == 0]}")
+        group_size = size
+    scales = _matrix(scales, "scales", k, n, group_size)
+    if zero_point is not None:
+        zero_point = _matrix(zero_point, "zero_point", k, n, group_size)
+        if zero_point.shape != scales.shape:
+            raise ValueError(f"zero_point of shape {zero_point.shape}; allowed: None or the scales' shape "
+                             f"{scales.shape}")
+    return scales, zero_point, group_size
+
+
+def _matrix(values, name: str, k: int, n: int, group_size: int | None):
+    """Per-group ``values`` (``(G, N)``, ``(G, 1, N)``, or ``(1, 1)`` per tensor) as a ``(G, N)`` matrix."""
+    shape = values.shape
+    groups = shape[0] if len(shape) in (2, 3) else -1
+    if group_size is not None and k:
+        groups_ok = groups == k // group_size
+    else:
+        groups_ok = groups >= 1 and k % groups == 0 if k else groups >= 0
+    fits = shape in ((groups, n), (groups, 1, n)) or (groups == 1 and shape == (1, 1))
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        raise ValueError(f"{name} of dtype {values.dtype}; allowed: a float dtype (float32, bfloat16)")
+    if not (fits and groups_ok):
+        g = "K / group_size" if group_size is None or not k else k // group_size
+        raise ValueError(f"{name} of shape {shape} do not fit K={k}, N={n} with group_size={group_size}; "
+                         f"allowed: ({g}, {n}) or ({g}, 1, {n}) with group_size dividing K, (1, {n}) per "
+                         "channel, (1, 1) per tensor")
+    return jnp.broadcast_to(values.reshape(groups, -1 if groups else n), (groups, n))
 
 
 def _check_int8_operands(a, b) -> None:

@@ -46,8 +46,8 @@ def check_axis(axis, ndim: int, who: str) -> int:
     integer raises a ``ValueError`` naming ``who`` and the allowed range."""
     axis_int = _as_int(axis)
     if axis_int is None or not -ndim <= axis_int < ndim:
-        raise ValueError(f"{who}: axis={axis!r} is out of range for rank {ndim}; "
-                         f"allowed: [{-ndim}, {ndim - 1}]")
+        allowed = f"[{-ndim}, {ndim - 1}]" if ndim else "none (a rank-0 array has no axis to pack along)"
+        raise ValueError(f"{who}: axis={axis!r} is out of range for rank {ndim}; allowed: {allowed}")
     return axis_int % ndim
 
 
@@ -89,7 +89,10 @@ def _check_codes(codes, bits: int) -> bool:
 
 def packed_size(size: int, bits: int) -> int:
     """Words that hold ``size`` codes of ``bits`` bits: ``P = ceil(size / (32 // bits))``."""
-    return -(-size // (32 // _check_bits(bits)))
+    bits, count = _check_bits(bits), _as_int(size)
+    if count is None or count < 0:
+        raise ValueError(f"packed_size: size={size!r}; allowed: an integer >= 0")
+    return -(-count // (32 // bits))
 
 
 def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
@@ -97,7 +100,9 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
     ``word[p] = sum_j stored(code[p + j P]) << (j bits)`` with ``P = ceil(K / (32 // bits))``.
 
     Signed dtypes are stored as offset binary (binary ``{-1, +1} -> {0, 1}``), unsigned ones as they are.
-    Returns an array of the same rank with ``P`` entries along ``axis``.
+    Returns an array of the same rank with ``P`` entries along ``axis``. Concrete codes that do not fit
+    raise ``ValueError``; traced codes (under ``jit``) cannot be checked: each is stored as the low ``bits``
+    bits of its field, so a code that does not fit changes its own value, never its neighbours'.
     """
     bits = _check_bits(bits)
     signed = _check_codes(codes, bits)
@@ -109,7 +114,8 @@ def pack(codes: jax.Array, bits: int, axis: int = 0) -> jax.Array:
     n = 32 // bits
     length = x.shape[0]
     words = packed_size(length, bits)
-    x = jnp.pad(x.astype(jnp.uint32), [(0, n * words - length)] + [(0, 0)] * (x.ndim - 1))
+    fields = x.astype(jnp.uint32) & jnp.uint32(2**bits - 1)  # a traced misfit stays in its field
+    x = jnp.pad(fields, [(0, n * words - length)] + [(0, 0)] * (x.ndim - 1))
     planes = x.reshape(n, words, *x.shape[1:])
     shifts = (jnp.arange(n, dtype=jnp.uint32) * bits).reshape((n,) + (1,) * (x.ndim))
     packed = jnp.sum(planes << shifts, axis=0, dtype=jnp.uint32)
@@ -134,15 +140,18 @@ def unpack(words: jax.Array, bits: int, axis: int, size: int, signed: bool = Tru
     gives the stored fields as uint8 codes (``uint2`` .. ``uint8``, table indices, float bit patterns).
     """
     bits = _check_bits(bits)
+    if not isinstance(signed, bool | np.bool_):
+        raise TypeError(f"unpack: signed={signed!r}; allowed: True or False (the packed codes' dtype was "
+                        "signed)")
     words = jnp.asarray(words)
     if words.dtype != jnp.uint32:
         raise ValueError(f"unpack: words must be uint32, got {words.dtype}; allowed: uint32")
     axis = check_axis(axis, words.ndim, "unpack")
     n = 32 // bits
     count = words.shape[axis]
-    size = _as_int(size)
+    given, size = size, _as_int(size)
     if size is None or not n * (count - 1) < size <= n * count:
-        raise ValueError(f"unpack: size={size!r} does not match {count} words of {n} codes each; "
+        raise ValueError(f"unpack: size={given!r} does not match {count} words of {n} codes each; "
                          f"allowed: {n * (count - 1) + 1} .. {n * count}")
     w = jnp.moveaxis(words, axis, 0)
     shifts = (jnp.arange(n, dtype=jnp.uint32) * bits).reshape((n,) + (1,) * w.ndim)

@@ -20,11 +20,11 @@ def dequantize_packed(w_packed: jax.Array, scales: jax.Array, *, bits: int, k: i
                       signed: bool = True) -> jax.Array:
     """The float32 ``(K, N)`` weight of a packed ``(ceil(K / (32 // bits)), N)`` uint32 array."""
     codes = layout.unpack(w_packed, bits, 0, k, signed=signed).astype(jnp.float32)
-    groups = scales.shape[0]
-    codes = codes.reshape(groups, k // groups, -1)
+    groups, n = scales.shape[0], w_packed.shape[1]
+    codes = codes.reshape(groups, k // groups, n)  # n, not -1: K = 0 has no size to infer from
     if zero_point is not None:
-        codes = codes - zero_point.reshape(groups, 1, -1)
-    return (codes * scales.reshape(groups, 1, -1).astype(jnp.float32)).reshape(k, -1)
+        codes = codes - zero_point.reshape(groups, 1, n)
+    return (codes * scales.reshape(groups, 1, n).astype(jnp.float32)).reshape(k, n)
 
 
 def packed_matmul_xla(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,

@@ -123,9 +123,31 @@ def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
     ``(*K, *features)``; returns float32 ``(..., *features)``. Gradients are those of the fake-quant product
     (surrogates included): Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018, for the integer form. See the module docstring.
+
+    Raises here (shapes and quantizers are static, so also under ``jit``): quantizers that are not
+    :class:`~qjax.Quantizer` (``TypeError``), a pair that :func:`integer_eligible` refuses (an integer sum
+    of nf4 indices or per-group scales would be wrong), ``contract`` outside ``1 .. w.ndim - 1``, or ``x``
+    whose last ``contract`` axes are not ``w``'s first.
     """
     if product not in PRODUCTS:
         raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: {', '.join(PRODUCTS)}")
+    for name, q in (("weight", weight), ("inputs", inputs)):
+        if not isinstance(q, Quantizer):
+            raise TypeError(f"qat_matmul: {name} is a {type(q).__name__}; allowed: a Quantizer")
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    if isinstance(contract, bool) or not isinstance(contract, int) or not 1 <= contract < w.ndim:
+        raise ValueError(f"qat_matmul: contract={contract!r} for a weight of rank {w.ndim}; allowed: an "
+                         f"integer in 1 .. {w.ndim - 1}")
+    if x.shape[x.ndim - contract:] != w.shape[:contract]:
+        k = ", ".join(map(str, w.shape[:contract]))
+        raise ValueError(f"qat_matmul: x of shape {x.shape} does not contract with w of shape {w.shape} over "
+                         f"{contract} axes; allowed: x of shape (..., {k})")
+    if not integer_eligible(weight, inputs, dict(hparams or {}), w.ndim, contract):
+        raise ValueError(f"qat_matmul: weight {weight.format!r} {weight.granularity} and inputs "
+                         f"{inputs.format!r} {inputs.granularity} (hparams {sorted(hparams or {})}) have no "
+                         "integer product; allowed: signed integer codes (int2..int8, ternary, binary), "
+                         "weight scales per tensor or output channel, input scales per tensor or token "
+                         "(see integer_eligible)")
     product = resolve_product(product)
     return _qat_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract,
                        product == "int8")

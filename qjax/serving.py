@@ -66,12 +66,23 @@ def frozen_matmul(x: jax.Array, w: QArray, backend: str = "auto") -> jax.Array:
     :func:`packed_layout` allows it, else the dequantized weight. float32 ``(..., *features)``.
 
     ``backend``: the kernel backend of :func:`kernels_pallas.packed_matmul` (``"auto"``, ``"xla"``,
-    ``"pallas"``, ``"interpret"``).
+    ``"pallas"``, ``"interpret"``), checked on both paths. ``w`` not a QArray or ``x`` whose last axis is
+    not K raise here.
     """
+    import kernels_pallas
+
+    if not isinstance(w, QArray):
+        raise TypeError(f"frozen_matmul: w is a {type(w).__name__}; allowed: a QArray (a frozen weight)")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"frozen_matmul: x of shape {x.shape} does not contract with a weight of shape "
+                         f"{w.shape}; allowed: x of shape (..., {w.shape[0]})")
+    if backend not in kernels_pallas.BACKENDS:
+        raise ValueError(f"frozen_matmul: unknown backend {backend!r}; allowed: "
+                         f"{', '.join(kernels_pallas.BACKENDS)}")
     layout = packed_layout(w)
     if layout is None:
         return jnp.tensordot(x.astype(jnp.float32), w.dequantize().astype(jnp.float32), axes=1)
-    import kernels_pallas
 
     _, n = layout
     scales, group_size = _matrix_scales(w, w.scale, n)
