@@ -65,7 +65,7 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
     Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
     """
     if not isinstance(signed, bool | np.bool_):
-        raise ValueError(f"dynamic_map: signed must be a bool, got {signed!r}")
+        raise TypeError(f"dynamic_map: signed must be a bool, got {signed!r}; allowed: True, False")
     values = [0.0, 1.0]
     for i in range(7):
         count = 2**i if signed else 2 ** (i + 1)
@@ -289,12 +289,16 @@ class Format:
             return jnp.asarray(self.table, jnp.float32)[codes.astype(jnp.int32)]
         return codes.astype(jnp.float32)
 
-    def dequant(self, codes: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None):
-        """Codes -> float32 values: ``(decode(codes) - zero_point) * scale``."""
+    def dequant(self, codes: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None,
+                dtype=jnp.float32):
+        """Codes -> float32 values: ``(decode(codes) - zero_point) * scale``, saturated at ``dtype``'s
+        largest finite value (a finite input rounded to the grid point past it never becomes inf; NaN stays
+        NaN, and an infinite scale is never passed here: scale rules mark such groups NaN)."""
         values = self.decode(codes)
         if zero_point is not None:
             values = values - zero_point
-        return values * scale
+        top = float(jnp.finfo(dtype).max)
+        return jnp.clip(values * scale, -top, top)
 
 
 def _int_format(bits: int, signed: bool) -> Format:

@@ -31,6 +31,10 @@ def _is_positive_int(value) -> bool:
 
 def _normalize_axes(axes: tuple[int, ...], ndim: int, who: str) -> tuple[int, ...]:
     out = []
+    if ndim == 0:
+        axis = axes[0] if len(axes) == 1 else axes
+        raise ValueError(f"{who}: axis {axis!r} is out of range for a 0-d array (it has no axes); "
+                         "allowed: PerTensor() or PerBlock(size) for a scalar")
     for a in axes:
         if not isinstance(a, int) or isinstance(a, bool) or not -ndim <= a < ndim:
             raise ValueError(f"{who}: axis {a!r} is out of range for an array of rank {ndim}; "

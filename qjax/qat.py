@@ -15,16 +15,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax import surrogates
 from qjax.quantizer import Quantizer, fake_quant, init_scale, relaxed_quant
 
 HPARAM_NAMES = ("o", "t", "omega", "beta", "enabled", "biper_binarize")
 
 
+_RANGES = {name: h.allowed for s in surrogates.SURROGATES.values() for name, h in s.hyperparameters.items()}
+
+
 def check_hparams(hparams: dict | None) -> dict:
+    """``hparams`` as a dict, each name one of :data:`HPARAM_NAMES` and each concrete value in its range: a
+    surrogate's own (``o``, ``t``, ``omega``, ``beta`` > 0, from the :mod:`qjax.surrogates` records), any
+    finite number for the gates ``enabled`` and ``biper_binarize``. Traced values pass (the surrogates guard
+    them: an out-of-range one gives NaN gradients)."""
     hparams = dict(hparams or {})
     unknown = sorted(set(hparams) - set(HPARAM_NAMES))
     if unknown:
         raise ValueError(f"unknown QAT hyperparameter(s) {unknown}; allowed: {', '.join(HPARAM_NAMES)}")
+    for name, value in hparams.items():
+        surrogates.as_hyperparameter(value, name, _RANGES.get(name))
     return hparams
 
 

@@ -22,8 +22,11 @@ Gradients of ``fake_quant``:
 Computed scales (absmax, mean_abs, median, minmax) are detached (``stop_gradient``), as in Bi-Real Net and
 BitNet. A ``given`` scale passed by the caller receives the LSQ step gradient with ``grad_scale = 1``; a
 ``learned`` scale (a parameter) receives it scaled by ``1/sqrt(n * fmax)`` (Esser et al. 2020) and is used
-by its magnitude ``|s|`` (a step pushed through zero by the optimizer keeps working; ``given`` scales must be
-positive).
+by its magnitude ``|s|`` (a step pushed through zero by the optimizer keeps working). A ``given`` scale must
+be finite and at least the smallest normal float32, the floor of every computed scale (a subnormal one acts
+as 0 where the machine flushes subnormals); NaN marks a poisoned group. Concrete scales are checked; a
+traced one (and a learned ``|s|``) is floored at that value, and an infinite or negative traced one makes
+its group's values NaN.
 Surrogate hyperparameters (``o``, ``t``, ``omega``, ``beta``) are keyword arguments and may be traced.
 """
 
@@ -34,12 +37,22 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import surrogates
 from qjax.formats import Format, get_format
 from qjax.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize, dequantize_blocks
-from qjax.scales import COMPUTED_RULES, INIT_RULES, SCALE_RULES, TINY, compute_scale, mark_nonfinite
+from qjax.scales import (
+    COMPUTED_RULES,
+    HUGE,
+    INIT_RULES,
+    SCALE_RULES,
+    TINY,
+    compute_scale,
+    grid_units,
+    mark_nonfinite,
+)
 
 _GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
 
@@ -78,9 +91,9 @@ class Quantizer:
         if isinstance(self.format, Format):
             object.__setattr__(self, "format", fmt.name)
         if not isinstance(self.granularity, _GRANULARITIES):
-            raise ValueError(f"granularity {self.granularity!r} is not a granularity; allowed: "
-                             "PerTensor(), PerChannel(axis), PerToken(axis), PerGroup(axis, size), "
-                             "PerBlock(size)")
+            raise TypeError(f"granularity {self.granularity!r} is not a granularity; allowed: "
+                            "PerTensor(), PerChannel(axis), PerToken(axis), PerGroup(axis, size), "
+                            "PerBlock(size)")
         if self.scale not in SCALE_RULES:
             raise ValueError(f"unknown scale rule {self.scale!r}; allowed: {', '.join(SCALE_RULES)}")
         if self.scale == "minmax" and fmt.kind != "int":
@@ -125,8 +138,8 @@ class Quantizer:
 def _check_input(x, who: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{who}: x must be a floating-point array, got dtype {x.dtype}; "
-                         "allowed: float32, bfloat16, float16, float64")
+        raise TypeError(f"{who}: x must be a floating-point array, got dtype {x.dtype}; "
+                        "allowed: float32, bfloat16, float16, float64")
     return x
 
 
@@ -143,6 +156,8 @@ def scale_shape(q: Quantizer, shape: tuple[int, ...]) -> tuple[int, ...]:
 def init_scale(q: Quantizer, x: jax.Array, rule: str = "absmax") -> jax.Array:
     """An initial value for a ``learned`` or ``given`` scale from the data, by ``rule``
     (``absmax``, ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(fmax)``)."""
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"init_scale expects a Quantizer, got {type(q).__name__}")
     x = _check_input(x, "init_scale")
     if rule not in INIT_RULES or rule == "minmax":
         raise ValueError(f"init_scale: unknown rule {rule!r}; allowed: absmax, mean_abs, median, "
@@ -163,10 +178,20 @@ def _caller_scale(q: Quantizer, x: jax.Array, value, name: str, positive: bool =
         raise ValueError(f"{name} has shape {value.shape}; allowed: {expected} (or the same without "
                          f"its size-1 axes) for input shape {x.shape} and {q.granularity}")
     concrete = not isinstance(value, jax.core.Tracer)
-    if positive and concrete and not bool(jnp.all((value > 0) | jnp.isnan(value))):
-        raise ValueError(f"{name} must be positive, got minimum {float(jnp.nanmin(value))}; allowed: "
-                         "finite values > 0 (NaN marks a poisoned group)")
+    if positive and concrete:
+        v = np.asarray(value)
+        bad = v[~((v >= TINY) & (v < np.inf)) & ~np.isnan(v)]
+        if bad.size:
+            raise ValueError(f"{name} must be positive and finite, got {float(bad[0])}; allowed: finite "
+                             f"values >= {TINY:g} (the smallest normal float32, the floor of every computed "
+                             "scale); NaN marks a poisoned group")
     return value.reshape(expected)
+
+
+def _usable(s: jax.Array) -> jax.Array:
+    """A caller's scale as the rules use it: floored at :data:`TINY`, an infinite or negative one NaN (its
+    group dequantizes to NaN). Concrete ``given`` scales were checked; this is what a traced one does."""
+    return jnp.where((s >= 0) & (s < jnp.inf), jnp.maximum(s, TINY), jnp.nan)
 
 
 def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
@@ -184,26 +209,26 @@ def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
     if q.scale == "learned":
         # A learned step is used by its magnitude, so a step that an optimizer pushes through zero (BiPer's
         # alpha under a large learning rate) keeps training and freezing: |s|, floored at the smallest normal.
-        s = _caller_scale(q, x, scale, "scale", positive=False)
-        s = jnp.maximum(jnp.abs(s), TINY)
+        s = _usable(jnp.abs(_caller_scale(q, x, scale, "scale", positive=False)))
     else:
-        s = _caller_scale(q, x, scale, "scale")
+        s = _usable(_caller_scale(q, x, scale, "scale"))
     s = mark_nonfinite(s, jax.lax.stop_gradient(xb), axes)
     z = None if zero_point is None else _caller_scale(q, x, zero_point, "zero_point", positive=False)
     return s, z
 
 
 def _residual_codes(q: Quantizer, xb, axes, given):
-    """Multi-basis binary: codes ``(k, *xb.shape)`` and scales ``(k, *scale)``, greedy on residuals."""
+    """Multi-basis binary: codes ``(k, *xb.shape)`` and scales ``(k, *scale)``, greedy on residuals. Each
+    ``alpha_i`` is capped so that ``sum_i alpha_i`` stays below the largest float32 (``sum_i alpha_i b_i``
+    of finite input never overflows; only inputs near 3.4e38 reach the cap)."""
     residual = xb.astype(jnp.float32)
     codes, scales = [], []
+    room = jnp.float32(HUGE * (1 - 2.0**-20))
     for i in range(q.bases):
         codes.append(q.fmt.encode(residual))
-        if given is None:
-            alpha = jnp.maximum(jnp.mean(jnp.abs(residual), axes, keepdims=True), max(q.eps, TINY))
-            alpha = mark_nonfinite(alpha, xb, axes)
-        else:
-            alpha = given[i]
+        alpha = compute_scale("mean_abs", q.fmt, residual, axes, q.eps)[0] if given is None else given[i]
+        alpha = jnp.minimum(alpha, jnp.maximum(room, TINY))
+        room = room - alpha
         scales.append(alpha)
         residual = residual - q.fmt.dequant(codes[-1], alpha)
     return jnp.stack(codes), jnp.stack(scales)
@@ -233,7 +258,7 @@ def quantize(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     surrogate's (only BiPer's ``omega`` changes the codes).
     """
     if not isinstance(q, Quantizer):
-        raise ValueError(f"quantize expects a Quantizer, got {type(q).__name__}")
+        raise TypeError(f"quantize expects a Quantizer, got {type(q).__name__}")
     x = _check_input(x, "quantize")
     _check_hparams(q, hparams)
     gran = q.granularity.resolve(x.shape)
@@ -244,7 +269,7 @@ def quantize(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
         codes_b, s = _residual_codes(q, xb, axes, s)
         codes = jax.vmap(lambda c: gran.from_blocks(c, x.shape))(codes_b)
     else:
-        u = _encode_input(q, xb, hparams) / s
+        u = grid_units(_encode_input(q, xb, hparams), s)
         codes = gran.from_blocks(q.fmt.encode(u if z is None else u + z), x.shape)
     return QArray(codes, s, z, q.format, gran, x.dtype.name, q.bases)
 
@@ -273,7 +298,7 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     hyperparameters such as ReSTE's ``o`` or BiPer's ``omega`` may be traced arrays.
     """
     if not isinstance(q, Quantizer):
-        raise ValueError(f"fake_quant expects a Quantizer, got {type(q).__name__}")
+        raise TypeError(f"fake_quant expects a Quantizer, got {type(q).__name__}")
     x = _check_input(x, "fake_quant")
     _check_hparams(q, hparams)
     gran = q.granularity.resolve(x.shape)
@@ -282,7 +307,7 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     s, z = _scales(q, x, xb, axes, scale, zero_point)
     if q.is_sign:
         signs = q.surrogate_spec(xb, **hparams)
-        value = q.fmt.dequant(signs, s).astype(x.dtype)
+        value = q.fmt.dequant(signs, s, dtype=x.dtype).astype(x.dtype)
     elif q.bases > 1:
         codes_b, s = _residual_codes(q, jax.lax.stop_gradient(xb), axes, s)
         exact = dequantize_blocks(q.fmt, codes_b, s, None, q.bases).astype(x.dtype)
@@ -310,7 +335,7 @@ def relaxed_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None, **
     switch never flips a weight's sign, even for a channel whose learned alpha went negative.
     """
     if not isinstance(q, Quantizer):
-        raise ValueError(f"relaxed_quant expects a Quantizer, got {type(q).__name__}")
+        raise TypeError(f"relaxed_quant expects a Quantizer, got {type(q).__name__}")
     if not q.is_sign:
         raise ValueError(f"relaxed_quant needs a sign quantizer (format 'binary' with bases=1), got "
                          f"format {q.format!r} with bases={q.bases}")

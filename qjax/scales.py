@@ -11,12 +11,20 @@ All rules reduce the block view ``xb`` over ``axes`` (see :mod:`qjax.granularity
 - ``lsq_init``: ``s = 2 mean|x| / sqrt(fmax)`` (the LSQ initial step, Esser et al. 2020).
 
 ``given`` and ``learned`` scales come from the caller. Every scale is float32 and at least the smallest
-normal float32, so an all-zero group quantizes to exact zeros without NaN. A group holding a NaN or Inf
-gets a NaN scale: its values dequantize to NaN, nothing is silently turned into a number, and other
-groups are untouched.
+normal float32 (:data:`TINY`) and at most the largest finite one, so an all-zero group quantizes to exact
+zeros without NaN. A group holding a NaN or Inf gets a NaN scale: its values dequantize to NaN, nothing is
+silently turned into a number, and other groups are untouched. An empty group (a zero-size input) gets
+the scale ``TINY`` (and zero point 0).
+
+No rule overflows on finite input: sums and differences are taken of scaled values (``mean|x|`` as
+``sum(|x| 2^-k) / (n 2^-k)`` with ``2^k >= n``, ``hi - lo`` as ``2 (hi/2 - lo/2)`` where it would overflow,
+the median of ``|x|/2`` doubled), each equal to the plain formula bit for bit on normal floats; only
+elements below ``2^k`` times the smallest normal float32 count as 0 in a mean (XLA flushes subnormals).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +37,25 @@ INIT_RULES = (*COMPUTED_RULES, "lsq_init")
 
 TINY = float(jnp.finfo(jnp.float32).tiny)
 """The smallest normal float32: the floor of every scale."""
+HUGE = float(jnp.finfo(jnp.float32).max)
+"""The largest finite float32: the ceiling of every computed scale."""
+
+
+def mean_abs(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``mean(a)`` over ``axes`` (keepdims) of a float32 ``a >= 0`` that cannot overflow for finite ``a``:
+    ``sum(a 2^-k) / (n 2^-k)`` with ``2^k >= n``, equal to ``sum(a) / n`` bit for bit on normal floats."""
+    n = math.prod(a.shape[i] for i in axes)
+    c = 2.0 ** -max(n - 1, 1).bit_length()
+    return jnp.sum(a * c, axes, keepdims=True) / (n * c)
+
+
+def grid_units(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x / scale`` in float32, right also for a scale past ``2^100``: XLA computes a division by a broadcast
+    scale as a product with its reciprocal, which is subnormal (flushed to 0) for a scale above ``1/TINY ~
+    8.5e37``; such groups divide ``x 2^-64`` by ``scale 2^-64``. Elsewhere it is ``x / scale`` bit for bit."""
+    x = x.astype(jnp.float32)
+    p = jnp.where(scale > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
+    return (x * p) / (scale * p)
 
 
 def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
@@ -42,6 +69,10 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
     if rule not in INIT_RULES:
         raise ValueError(f"unknown scale rule {rule!r}; allowed: {', '.join(INIT_RULES)}")
     x = xb.astype(jnp.float32)
+    if x.size == 0:  # no elements: the floor, as for an all-zero group (reductions of nothing are undefined)
+        shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+        zero_point = jnp.zeros(shape, jnp.float32) if rule == "minmax" else None
+        return jnp.full(shape, TINY, jnp.float32), zero_point
     a = jnp.abs(x)
     zero_point = None
     # A group holding a NaN or Inf gets a NaN scale. XLA's CPU max does not always carry a NaN into its
@@ -55,22 +86,26 @@ def compute_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
         bad = jnp.isinf(top) | _holds_nan(x, axes) if mark_nan else jnp.isinf(top)
         scale = jnp.maximum(top, eps) / fmt.max_abs
     elif rule in ("mean_abs", "lsq_init"):
-        mean = jnp.mean(a, axes, keepdims=True)
+        mean = mean_abs(a, axes)
         bad = ~jnp.isfinite(mean)
-        lsq = jnp.maximum(2.0 * mean, eps) / fmt.max_abs**0.5
+        lsq = jnp.maximum(2.0 * mean, eps) / fmt.max_abs**0.5  # inf past the largest float: clipped below
         scale = jnp.maximum(mean, eps) if rule == "mean_abs" else lsq
     elif rule == "median":
         bad = _holds_nonfinite(x, axes)
-        scale = jnp.maximum(jnp.median(a, axes, keepdims=True), eps)
+        scale = jnp.maximum(jnp.median(a * 0.5, axes, keepdims=True) * 2.0, eps)  # halved: midpoints of
+        # two huge values cannot overflow
     else:
         lo = jnp.min(x, axes, keepdims=True)
         hi = jnp.max(x, axes, keepdims=True)
         bad = jnp.isinf(lo) | jnp.isinf(hi)
         bad = bad | _holds_nan(x, axes) if mark_nan else bad
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        scale = jnp.maximum(jnp.maximum(hi - lo, eps) / (fmt.hi - fmt.lo), TINY)
+        steps = fmt.hi - fmt.lo  # hi - lo is inf (no element is) only past 3.4e38: then halve first
+        halved = jnp.maximum(hi * 0.5 - lo * 0.5, eps * 0.5) / (steps * 0.5)
+        scale = jnp.where(jnp.isinf(hi - lo), halved, jnp.maximum(hi - lo, eps) / steps)
+        scale = jnp.maximum(scale, TINY)
         zero_point = fmt.lo - jnp.round(lo / scale)
-    scale = jnp.maximum(scale, TINY)
+    scale = jnp.clip(scale, TINY, HUGE)
     return jnp.where(bad, jnp.nan, scale), zero_point
 
 

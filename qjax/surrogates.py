@@ -24,7 +24,9 @@ Each is one :class:`Surrogate` record in :data:`SURROGATES` (``STE``, ``CLIPPED_
 allowed ranges (``beta > 0``, ``o > 0``, ``t > 0``, ``omega > 0``; defaults 5, 1, 1.5, 20), any custom
 real-valued forward (BiPer's ``sin(omega x)``) and how it acts on multi-level grids (``grid``, ``clipped``,
 ``identity_backward``). The quantizer and the QAT code read those attributes; no other module tests a
-surrogate's name.
+surrogate's name. A concrete hyperparameter outside its range (``o = 0`` would give NaN gradients, ``o < 0``,
+``omega <= 0``, ``beta <= 0`` zero or negative ones) raises a ``ValueError``; a traced one cannot, so it
+makes the input gradient NaN everywhere (the forward is unchanged), never a silently wrong gradient.
 
 Grid surrogates for multi-level formats (records with ``grid=True``: ``ste``, ``clipped_ste``):
 :func:`grid_ste` (identity or clipped STE through rounding, with the LSQ step-size gradient for the scale)
@@ -44,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.scales import grid_units
+
 Array = jax.Array
 
 RESTE_INNER = 0.1  # ReSTE's fixed inner interval m
@@ -59,15 +63,17 @@ def binary_sign(x: Array) -> Array:
 
 def as_hyperparameter(value, name: str, allowed: tuple[float, float] | None = None) -> Array:
     """A surrogate hyperparameter as a float32 array. A concrete value must be finite and, given
-    ``allowed = (low, high)``, inside the open interval ``low < value < high``; a traced value is not
-    checked."""
+    ``allowed = (low, high)``, inside the open interval ``low < value < high``; a traced value cannot be
+    checked here (a :class:`Surrogate` guards it: see :meth:`Surrogate.__call__`)."""
     if not isinstance(value, jax.core.Tracer):
         concrete = np.asarray(value)
-        if concrete.dtype.kind not in "biuf" or not np.all(np.isfinite(concrete)):
-            raise ValueError(f"surrogate hyperparameter {name}={value!r} must be finite; "
-                             "allowed: real numbers")
+        if concrete.dtype.kind not in "biuf":
+            raise TypeError(f"hyperparameter {name}={value!r} must be a real number; allowed: a float or a "
+                            "float array")
+        if not np.all(np.isfinite(concrete)):
+            raise ValueError(f"hyperparameter {name}={value!r} must be finite; allowed: real numbers")
         if allowed is not None and not np.all((concrete > allowed[0]) & (concrete < allowed[1])):
-            raise ValueError(f"surrogate hyperparameter {name}={value!r} is out of range; "
+            raise ValueError(f"hyperparameter {name}={value!r} is out of range; "
                              f"allowed: {_interval(name, allowed)}")
     return jnp.asarray(value, jnp.float32)
 
@@ -75,6 +81,23 @@ def as_hyperparameter(value, name: str, allowed: tuple[float, float] | None = No
 def _interval(name: str, allowed: tuple[float, float]) -> str:
     low, high = allowed
     return f"{name} > {low:g}" if math.isinf(high) else f"{low:g} < {name} < {high:g}"
+
+
+@jax.custom_vjp
+def _nan_gradient_unless(x: Array, ok: Array) -> Array:
+    """``x`` itself; its cotangent is NaN everywhere unless ``ok`` (a traced out-of-range hyperparameter)."""
+    return x
+
+
+def _nan_gradient_unless_fwd(x, ok):
+    return x, ok
+
+
+def _nan_gradient_unless_bwd(ok, g):
+    return jnp.where(ok, g, jnp.nan).astype(g.dtype), None
+
+
+_nan_gradient_unless.defvjp(_nan_gradient_unless_fwd, _nan_gradient_unless_bwd)
 
 
 class Hyperparameter(NamedTuple):
@@ -164,14 +187,34 @@ class Surrogate:
         """The entries of ``hparams`` this surrogate takes."""
         return {k: hparams[k] for k in self.hyperparameters if k in hparams}
 
+    def _guarded(self, x: Array, params: tuple[Array, ...]) -> Array:
+        """``x``, with a NaN gradient wherever a traced hyperparameter is outside its allowed range (concrete
+        ones were checked by :meth:`values`; nothing is added for them)."""
+        traced = [(p, h.allowed) for p, h in zip(params, self.hyperparameters.values(), strict=True)
+                  if isinstance(p, jax.core.Tracer)]
+        if not traced:
+            return x
+        ok = functools.reduce(jnp.logical_and, [jnp.all((p > lo) & (p < hi)) for p, (lo, hi) in traced])
+        return _nan_gradient_unless(x, ok)
+
     def __call__(self, x: Array, **hparams) -> Array:
-        """``sign(r(x))`` (+-1 in ``x``'s dtype), backward ``g * d(x)``; ``hparams`` as in :meth:`values`."""
-        return self.fn(x, *self.values(**hparams))
+        """``sign(r(x))`` (+-1 in ``x``'s dtype), backward ``g * d(x)``; ``hparams`` as in :meth:`values`.
+
+        A traced hyperparameter outside its range (ReSTE ``o <= 0``, BiPer ``omega <= 0``, SwishSign
+        ``beta <= 0``, NaN) leaves the forward as it is and makes the input gradient NaN everywhere, so a
+        bad schedule shows at its first step instead of training on a zero, negative or infinite gradient.
+        """
+        params = self.values(**hparams)
+        return self.fn(self._guarded(x, params), *params)
 
     def real_forward(self, x: Array, **hparams) -> Array:
-        """``r(x)`` in float32, the value whose sign the forward takes: ``forward(x, *params)``, or ``x``."""
+        """``r(x)`` in float32, the value whose sign the forward takes: ``forward(x, *params)``, or ``x``
+        (its gradient NaN for a traced out-of-range hyperparameter, as in :meth:`__call__`)."""
         x = jnp.asarray(x).astype(jnp.float32)
-        return x if self.forward is None else self.forward(x, *self.values(**hparams))
+        if self.forward is None:
+            return x
+        params = self.values(**hparams)
+        return self.forward(self._guarded(x, params), *params)
 
 
 def _swish_derivative(x, beta):
@@ -294,11 +337,11 @@ def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
 
 
 def _grid_value(grid, x, scale, zero_point):
-    u = x.astype(jnp.float32) / scale
+    u = grid_units(x, scale)
     if zero_point is not None:
         u = u + zero_point
     codes = grid.encode(u)
-    return grid.dequant(codes, scale, zero_point).astype(x.dtype), u, codes
+    return grid.dequant(codes, scale, zero_point, dtype=x.dtype).astype(x.dtype), u, codes
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -329,7 +372,7 @@ def _grid_ste_bwd(grid, clipped, res, g):
     inside = (u >= grid.lo) & (u <= grid.hi)
     dx = jnp.where(inside, g, 0).astype(g.dtype) if clipped else g
     q = grid.dequant(codes, jnp.ones((), jnp.float32), zero_point)
-    ds_elem = g.astype(jnp.float32) * (q - jnp.where(inside, x.astype(jnp.float32) / scale, 0.0))
+    ds_elem = g.astype(jnp.float32) * (q - jnp.where(inside, grid_units(x, scale), 0.0))
     ds = _sum_to_shape(ds_elem, scale.shape) * grad_scale
     dz = None if zero_point is None else jnp.zeros_like(zero_point)
     return dx, ds.astype(scale.dtype), dz, jnp.zeros_like(grad_scale)

@@ -245,9 +245,37 @@ def test_bad_hyperparameters_fail_early(record, hparams, match):
         record(jnp.ones(3), **hparams)
 
 
-def test_traced_hyperparameters_are_not_range_checked():
-    g = jax.jit(lambda w, omega: S.biper(w, omega))(jnp.ones(3), jnp.float32(-1.0))
-    np.testing.assert_array_equal(g, -1.0)  # sign(sin(-1)) = -1: a traced value passes as it is
+def test_traced_out_of_range_hyperparameters_keep_the_forward_and_give_nan_gradients():
+    y = jax.jit(lambda w, omega: S.biper(w, omega))(jnp.ones(3), jnp.float32(-1.0))
+    np.testing.assert_array_equal(y, -1.0)  # sign(sin(-1)) = -1: the forward is computed as given
+    x = jnp.asarray(POINTS)
+    for fn, name, bad, good in [(S.reste, "o", 0.0, 2.0), (S.reste, "o", -1.0, 3.0), (S.reste, "t", 0.0, 1.0),
+                                (S.biper, "omega", 0.0, 20.0), (S.swish_sign, "beta", -5.0, 5.0),
+                                (S.reste, "o", np.nan, 1.0)]:
+        grad = jax.jit(jax.grad(lambda v, h, fn=fn, name=name: jnp.sum(fn(v, **{name: h}))))
+        assert bool(jnp.all(jnp.isnan(grad(x, jnp.float32(bad))))), (name, bad)
+        eager = jax.grad(lambda v, fn=fn, name=name, good=good: jnp.sum(fn(v, **{name: good})))(x)
+        np.testing.assert_allclose(grad(x, jnp.float32(good)), eager, rtol=1e-6)  # in range: unguarded
+
+
+def test_concrete_hyperparameter_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match=r"o='2' must be a real number; allowed: a float"):
+        S.reste(jnp.ones(3), o="2")
+
+
+def test_qat_check_hparams_ranges_come_from_the_surrogate_records():
+    from qjax import qat
+
+    ok = {"o": 2.0, "omega": 20.0, "enabled": 0}
+    assert qat.check_hparams(ok) == ok
+    for hparams, match in [({"o": float("nan")}, r"o=nan must be finite"),
+                           ({"t": 0.0}, r"t=0.0 is out of range; allowed: t > 0"),
+                           ({"beta": -1.0}, r"beta=-1.0 is out of range; allowed: beta > 0"),
+                           ({"biper_binarize": float("inf")}, r"biper_binarize=inf must be finite")]:
+        with pytest.raises(ValueError, match=match):
+            qat.check_hparams(hparams)
+    traced = jax.jit(lambda o: qat.check_hparams({"o": o})["o"] + 0)(jnp.float32(-1.0))  # traced: passes
+    assert float(traced) == -1.0
 
 
 def test_no_module_outside_surrogates_tests_a_surrogate_name():
