@@ -229,7 +229,8 @@ class Call:
                 args = tuple(qat.quantize_input(rule.activations, a, None, self.hparams)
                              if i in operand_positions(op, args) else a for i, a in enumerate(args))
             return original(*args, **kwargs)
-        path = execution_path(self.entry, self.hparams, self.settings, weight.frozen, jnp.ndim(weight.raw))
+        path = execution_path(self.entry, self.hparams, self.settings, weight.frozen,
+                              None if weight.raw is None else jnp.ndim(weight.raw))
         if path in (PACKED, *FUSED_PATHS) and contract == (1 if path == PACKED else self.entry.contract):
             return self._fused(path, args, kwargs, weight, contract)
         args = list(args)

@@ -31,6 +31,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.errors import FlaxError
 
 from qjax import qat
 from qjax.core import (
@@ -158,7 +159,8 @@ class QuantizedModel:
     def __init__(self, model: nn.Module, rules, *, product: str = "auto", backend: str = "auto",
                  warn_unused: bool = True):
         if not isinstance(model, nn.Module):
-            raise ValueError(f"quantize_model expects a flax.linen Module, got {type(model).__name__}")
+            raise TypeError(f"qjax.linen.quantize_model expects a flax.linen Module, got "
+                            f"{type(model).__name__} (an nnx.Module: use qjax.nnx.quantize_model)")
         self.model = model
         self.rules = check_rules(rules)
         self.settings = Settings(product, backend)
@@ -188,8 +190,16 @@ class QuantizedModel:
         return nn.intercept_methods(interceptor)
 
     def table(self, variables, *args, **kwargs) -> dict[str, ModuleEntry]:
-        """Module path -> :class:`~qjax.core.ModuleEntry` (with its rule) for inputs like ``args``."""
+        """Module path -> :class:`~qjax.core.ModuleEntry` (with its rule) for inputs like ``args``.
+
+        ``variables`` must be the model's (``qmodel.init``'s, trained or frozen): variables without a
+        ``params`` collection, or on which the model cannot run with these inputs (missing parameters,
+        other shapes), are a ``ValueError`` naming what Flax reported."""
         kwargs = {k: v for k, v in kwargs.items() if k != "mutable"}
+        if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+            got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+            raise ValueError(f"qjax.linen: variables must be the model's variables, a dict with a 'params' "
+                             f"collection (what qmodel.init(rng, *inputs) returns), got {got}")
         key = _cache_key(variables, args, kwargs)
         if key not in self._tables:
             plain = float_view({k: v for k, v in variables.items() if k != "quant"})
@@ -201,7 +211,12 @@ class QuantizedModel:
                     v = {**plain, "params": jax.tree_util.tree_unflatten(treedef, ls)}
                     return self.model.apply(v, *args, **{**kwargs, "mutable": True})
 
-            contracted = {names[i] for i in contracted_leaves(run, leaves)}
+            try:
+                contracted = {names[i] for i in contracted_leaves(run, leaves)}
+            except (FlaxError, TypeError) as err:
+                raise ValueError(f"qjax.linen: the model cannot run on these variables and inputs "
+                                 f"({type(err).__name__}: {str(err)[:400]}); pass the variables that "
+                                 "qmodel.init(rng, *inputs) returned and inputs like those") from err
             stored = {name: jax.numpy.shape(leaf) for name, leaf in zip(names, leaves, strict=True)}
             entries = [record.entry(path, {p for m, p in contracted if m == path},
                                     {p: shape for (m, p), shape in stored.items() if m == path})
@@ -370,6 +385,9 @@ def quantize_model(model: nn.Module, rules, *, product: str = "auto", backend: s
     ``product``: the fused QAT matmul's product (``"auto"``, ``"int8"``, ``"float"``); ``backend``: the
     packed-matmul backend of frozen weights (``"auto"``, ``"xla"``, ``"pallas"``, ``"interpret"``). Both are
     static: a jitted ``qmodel.apply`` runs the program they choose (:class:`qjax.core.Settings`).
+    Rules with a quantizer of which none matches a module are a ``ValueError`` (listing the modules qjax
+    can quantize) at the first ``init``/``apply``; a rule matching nothing while others match is a warning.
+    ``warn_unused=False`` (rules that may match nothing, e.g. a float baseline) turns off both.
     """
     return QuantizedModel(model, rules, product=product, backend=backend, warn_unused=warn_unused)
 

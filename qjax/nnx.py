@@ -33,6 +33,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import FlaxError
 
 from qjax import qat
 from qjax.core import (
@@ -264,7 +265,12 @@ def _record(model: nnx.Module, args, kwargs) -> tuple[dict, dict]:
             record.inputs = None  # tracers of this trace must not outlive it
         return out
 
-    contracted = {names[i] for i in contracted_leaves(run, [leaf for _, leaf in flat])}
+    try:
+        contracted = {names[i] for i in contracted_leaves(run, [leaf for _, leaf in flat])}
+    except (FlaxError, TypeError, ValueError) as err:
+        raise ValueError(f"qjax.nnx: model(*example inputs) failed while qjax traced it to find what it "
+                         f"contracts ({type(err).__name__}: {str(err)[:400]}); pass example inputs the "
+                         "model's call accepts") from err
     stored = {}
     for (path, attr), (_, leaf) in zip(names, flat, strict=True):
         stored.setdefault((path, attr), jnp.shape(leaf))
@@ -314,10 +320,13 @@ def quantize_model(model: nnx.Module, rules, *args, hparams: dict | None = None,
     Returns the shared :class:`Hyperparams` (declare each per-step hyperparameter you will change, e.g.
     ``hparams={"o": 1.0}``). ``product`` and ``backend`` are static settings (:class:`qjax.core.Settings`).
     Raises ``ValueError`` before changing anything for a model already quantized, a rule naming a module
-    qjax cannot quantize, or missing example inputs.
+    qjax cannot quantize, rules with a quantizer of which none matches a module (the message lists the
+    modules qjax can quantize; ``warn_unused=False`` allows it, and silences the warning about a rule
+    that matches nothing while others match), or missing or unusable example inputs.
     """
     if not isinstance(model, nnx.Module):
-        raise ValueError(f"qjax.nnx.quantize_model expects an nnx.Module, got {type(model).__name__}")
+        raise TypeError(f"qjax.nnx.quantize_model expects an nnx.Module, got {type(model).__name__} "
+                        "(a flax.linen Module: use qjax.linen.quantize_model)")
     if _configs(model):
         raise ValueError("the model is already quantized; call qjax.nnx.unquantize_model first")
     rules = check_rules(rules)
@@ -367,7 +376,10 @@ def _initial_input_scales(model, entries, args, kwargs) -> dict[str, jax.Array]:
 
 
 def paths(model: nnx.Module) -> dict[str, str]:
-    """Module path -> how its contraction runs (:func:`qjax.core.execution_path`)."""
+    """Module path -> how its contraction runs (:func:`qjax.core.execution_path`), for a model quantized
+    by :func:`quantize_model` (``ValueError`` for one that is not)."""
+    if not _configs(model):
+        raise ValueError("qjax.nnx.paths: the model is not quantized; call qjax.nnx.quantize_model first")
     hparams = getattr(model, HPARAMS).as_dict() if hasattr(model, HPARAMS) else {}
     out = {}
     modules = dict(_modules(model))
@@ -432,7 +444,8 @@ def freeze(model: nnx.Module, *, backend: str | None = None) -> None:
 
 def unquantize_model(model: nnx.Module) -> None:
     """Undo :func:`quantize_model` in place (classes restored, scales and hyperparameters removed). A
-    frozen model cannot be unquantized (its float weights are gone)."""
+    frozen model cannot be unquantized (its float weights are gone); a model that is not quantized is left
+    as it is."""
     for _, module in _modules(model):
         if any(isinstance(v, PackedWeight) for v in vars(module).values()):
             raise ValueError("qjax.nnx.unquantize_model: the model is frozen; its float weights are gone")

@@ -28,8 +28,10 @@ class LayerSummary:
     real_bytes: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Summary:
+    """Rows per layer and totals; ``str`` / ``repr`` (what ``print`` and a notebook show) is the table."""
+
     layers: tuple[LayerSummary, ...]
 
     @property
@@ -57,12 +59,16 @@ class Summary:
         fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True))
         return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
+    __repr__ = __str__
+
 
 def _leaf_info(value) -> tuple[int, float, int, str]:
     """(element count, bits per element, real bytes, format label) of one parameter (read through a
     partitioning metadata box)."""
     if hasattr(value, "unbox") and not hasattr(value, "dtype"):
         value = value.unbox()
+    if not isinstance(value, QArray) and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise TypeError(f"qjax.summary: a parameter must be an array or a QArray, got {type(value).__name__}")
     if isinstance(value, QArray):
         count = math.prod(value.shape) * value.bases
         return count, value.fmt.bits, value.nbytes, value.format
@@ -82,6 +88,8 @@ def _modules(tree: Mapping, prefix: tuple[str, ...] = ()):
 
 def summarize(params: Mapping, rules_by_path: Mapping[str, str] | None = None) -> Summary:
     """Per-module summary of a params tree; ``rules_by_path`` maps module path -> rule label."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"qjax.summary.summarize takes a params tree (a dict), got {type(params).__name__}")
     rules_by_path = rules_by_path or {}
     rows = []
     for path, own in _modules(params):
@@ -100,17 +108,33 @@ def summarize(params: Mapping, rules_by_path: Mapping[str, str] | None = None) -
 
 
 def summary(qmodel, variables: Mapping | None = None, *args, **kwargs) -> Summary:
-    """Summary of a quantized model (print it, or read its rows and totals).
+    """Summary of a model (print it: its ``str`` is the table; or read its rows and totals).
 
     Linen: ``summary(qmodel, variables, *args)`` for a :class:`~qjax.linen.QuantizedModel`'s (frozen or
     float) ``variables``; ``args`` are sample inputs, used to look up which rule each module got.
     NNX: ``summary(model)`` for a model quantized in place by :func:`qjax.nnx.quantize_model` (frozen or not).
+    A model that is not quantized (a plain Linen module with its variables, an NNX model) gets its float
+    summary: every rule ``-``, bits those of the dtypes.
     """
-    if variables is None:
-        from qjax import nnx as qnnx
+    import flax.linen as nn
+    from flax import nnx
 
-        params, labels = qnnx.summary_params(qmodel)
-        return summarize(params, labels)
+    from qjax import linen as qlinen
+    from qjax import nnx as qnnx
+
+    if isinstance(qmodel, nnx.Module):
+        if variables is not None:
+            raise TypeError("qjax.summary.summary(model) of an NNX model takes no variables (they live on "
+                            "the model)")
+        return summarize(*qnnx.summary_params(qmodel))
+    if not isinstance(qmodel, qlinen.QuantizedModel | nn.Module):
+        raise TypeError(f"qjax.summary.summary takes a qjax.linen.QuantizedModel (with its variables) or an "
+                        f"NNX model, got {type(qmodel).__name__}")
+    if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+        raise ValueError("qjax.summary.summary(qmodel, variables, *inputs) of a Linen model needs its "
+                         "variables, a dict with a 'params' collection (qmodel.init's or freeze's)")
+    if isinstance(qmodel, nn.Module):
+        return summarize(variables["params"])
     table = qmodel.table(variables, *args, **kwargs)
     labels = {name: entry.rule.label for name, entry in table.items() if entry.rule is not None}
     return summarize(variables["params"], labels)

@@ -1,5 +1,7 @@
 """Orbax checkpoints: QAT params and frozen packed params restore bit for bit; damage is reported."""
 
+import gc
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,3 +86,37 @@ def test_missing_manifest_and_wrong_target(trained, tmp_path):
     path = ck.save(tmp_path / "ckpt", frozen)
     with pytest.raises(ck.CheckpointError, match="does not match the target structure"):
         ck.restore(path, variables)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_checkpoint_raises_one_error_and_prints_nothing(trained, tmp_path, capfd, caplog, damage):
+    _, _, frozen = trained
+    path = ck.save(tmp_path / "ckpt", frozen)
+    capfd.readouterr()
+    caplog.clear()
+    for victim in [f for f in path.rglob("*") if f.is_file() and f.name != ck.MANIFEST]:
+        if damage == "delete":
+            victim.unlink()
+        elif damage == "truncate":
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        else:
+            data = bytearray(victim.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            victim.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=r"is damaged: file .* is (changed|missing) since it was "):
+        ck.restore(path, frozen)
+    gc.collect()  # an unretrieved task or a callback on a closed event loop would report here
+    out, err = capfd.readouterr()
+    assert out == err == "" and not caplog.records, (out, err, caplog.records)
+
+
+def test_save_refuses_what_orbax_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match="no array leaves"):
+        ck.save(tmp_path / "empty", {})
+    with pytest.raises(TypeError, match=r"leaf \['n'\] is of type int"):
+        ck.save(tmp_path / "number", {"n": 3})
+    path = ck.save(tmp_path / "ckpt", {"n": jnp.ones(3)})
+    with pytest.raises(ValueError, match="already exists; pass force=True"):
+        ck.save(path, {"n": jnp.ones(3)})
+    ck.save(path, {"n": jnp.zeros(3)}, force=True)
+    np.testing.assert_array_equal(ck.restore(path, {"n": jnp.ones(3)})["n"], jnp.zeros(3))

@@ -188,11 +188,13 @@ def test_modules_are_quantized_by_what_they_do():
     np.testing.assert_allclose(model(X), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_float_path_when_nothing_matches():
+def test_rules_that_quantize_nothing_are_an_error_unless_allowed():
     model = MLP(nnx.Rngs(0))
     before = model(X)
-    with pytest.warns(UserWarning, match="matched no module"):
+    with pytest.raises(ValueError, match=r"quantize no module.*can quantize .*\['l1', 'l2'\]"):
         qn.quantize_model(model, [Rule("nothing", weight=W4)], X)
+    assert type(model) is MLP and not hasattr(model, qn.HPARAMS)  # untouched
+    qn.quantize_model(model, [Rule("nothing", weight=W4)], X, warn_unused=False)  # a float baseline
     np.testing.assert_array_equal(model(X), before)
 
 

@@ -76,15 +76,55 @@ def test_json_round_trip():
     assert rules_from_json(rules_to_json(rules)) == rules
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"path": "("}, r"Rule path '\(' is not a valid regex"),
-    ({"weight": "int4"}, r"Rule.weight must be a Quantizer or None, got 'int4'"),
+@pytest.mark.parametrize(("kwargs", "exc", "message"), [
+    ({"path": "("}, ValueError, r"Rule path '\(' is not a valid regex"),
+    ({"path": 3}, TypeError, r"Rule.path must be a str .* got 3"),
+    ({"weight": "int4"}, TypeError, r"Rule.weight must be a qjax.Quantizer or None, got 'int4'"),
+    ({"types": (3,)}, TypeError, r"Rule.types must hold class names .* got \[3\]"),
+    ({"weight": W4, "weight_names": ()}, ValueError, r"weight_names is empty"),
 ])
-def test_bad_rules(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_rules(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
         Rule(**kwargs)
 
 
 def test_rules_must_be_rules():
-    with pytest.raises(ValueError, match=r"must be qjax\.rules\.Rule objects"):
+    with pytest.raises(TypeError, match=r"must be qjax\.rules\.Rule objects, got 'Dense'"):
         assign(["Dense"], [])
+    with pytest.raises(TypeError, match=r"must be a list of qjax\.rules\.Rule objects"):
+        assign("Dense", [])
+
+
+def test_rules_that_quantize_nothing_are_an_error_listing_what_can_be_quantized():
+    entries = [entry("layers/0"), entry("layers/1"), entry("norm", "LayerNorm", ("scale",), ())]
+    with pytest.raises(ValueError, match=r"quantize no module.*'layers/.*' matches no module path.*"
+                                         r"can quantize .*\['layers/0', 'layers/1'\]"):
+        assign([Rule(r"layers/\d+/.*", weight=W4)], entries)
+    with pytest.raises(ValueError, match=r"matches \['layers/0', 'layers/1'\] by path, but they contract "
+                                         r"none of weight_names=\['kernal'\] \(they contract \['kernel'\]\)"):
+        assign([Rule(r"layers/.*", weight=W4, weight_names=("kernal",))], entries)
+    assert all(e.rule is None for e in assign([Rule("x", weight=W4)], entries, warn=False).values())
+    assert all(e.rule is None for e in assign([], entries).values())  # no rules: float, by request
+    with pytest.warns(UserWarning, match=r"'late': earlier rules took \['layers/0'\]"):
+        assign([Rule(".*", weight=W4), Rule("layers/0", weight=BIN, name="late")], entries)
+
+
+@pytest.mark.parametrize(("text", "exc", "message"), [
+    ("[{", ValueError, r"not valid JSON"),
+    ('{"path": ".*"}', ValueError, r"expected a JSON list of rule objects, got dict"),
+    ('[{"wieght": null}]', ValueError, r"rule 0: unknown key\(s\) \['wieght'\]; allowed: path, types"),
+    ('[{}, {"weight": {"format": "int9"}}]', ValueError, r"rule 1.weight: unknown format 'int9'"),
+    ('[{"weight": {"format": "int4", "granularity": {"axis": 0}}}]', ValueError,
+     r"rule 0.weight.granularity: unknown or missing type None; allowed: PerTensor"),
+    ('[{"weight": {"granularity": {"type": "PerGroup", "axis": 0}}}]', ValueError,
+     r"granularity: missing key\(s\) \['size'\]"),
+    ('[{"path": 3}]', TypeError, r"rule 0: Rule.path must be a str"),
+])
+def test_bad_rules_json(text, exc, message):
+    with pytest.raises(exc, match=message):
+        rules_from_json(text)
+
+
+def test_json_missing_keys_take_their_python_defaults():
+    rule, = rules_from_json('[{"types": "Dense", "weight": {"format": "int4"}}]')
+    assert rule == Rule(".*", types=("Dense",), weight=Quantizer("int4"))

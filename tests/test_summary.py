@@ -44,6 +44,7 @@ def test_summary_rows_and_disk_size(quantizer, bits, tmp_path):
     assert abs(disk - s.real_bytes) <= 0.05 * s.real_bytes, (disk, s.real_bytes)
     text = str(s)
     assert "hidden-rule" in text and "total" in text.splitlines()[-1]
+    assert repr(s) == text  # what a notebook shows is the table
 
 
 def test_float_model_summary():
