@@ -1,16 +1,18 @@
 """Ready 8-bit optimizers: optax's Adam, AdamW, Lion and SGD with momentum under :func:`quantize_state`.
 
-Each takes the hyperparameters of its optax counterpart, unchanged, plus ``block_size`` (default 256),
-``min_size`` (default 4096), ``overrides`` and ``skip_nonfinite`` of :func:`quantize_state`. The two sizes
-default to ``None`` (meaning 256 and 4096) so that ``optax.inject_hyperparams(adam8bit)(learning_rate=...)``
-treats them as static; pass explicit sizes through ``inject_hyperparams`` with
-``static_args=("block_size", "min_size")``.
+Each takes the hyperparameters of its optax counterpart, unchanged (checked when concrete: a learning rate
+a finite number >= 0 or a schedule, betas and momentum in ``[0, 1)``, eps >= 0), plus ``block_size``
+(default 256), ``min_size`` (default 4096), ``overrides`` and ``skip_nonfinite`` of :func:`quantize_state`.
+The two sizes default to ``None`` (meaning 256 and 4096) so that
+``optax.inject_hyperparams(adam8bit)(learning_rate=...)`` treats them as static; pass explicit sizes
+through ``inject_hyperparams`` with ``static_args=("block_size", "min_size")``.
 
 Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR 2022.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +23,22 @@ from qjax.optim.quantized_state import Override, quantize_state
 ScalarOrSchedule = optax.ScalarOrSchedule
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_MIN_SIZE = 4096
+
+
+def _check_hparams(who: str, learning_rate, betas: Mapping[str, float], eps: Mapping[str, float] = {}):
+    """Concrete hyperparameters in range: a learning rate a finite number >= 0 or a schedule (a callable),
+    each beta in ``[0, 1)``, each eps a finite number >= 0. Arrays (``inject_hyperparams``) pass."""
+    checks = [("learning_rate", learning_rate, "a finite number >= 0 or a schedule (a callable)",
+               lambda v: 0 <= v < math.inf)]
+    checks += [(name, v, "a number in [0, 1)", lambda v: 0 <= v < 1) for name, v in betas.items()]
+    checks += [(name, v, "a finite number >= 0", lambda v: 0 <= v < math.inf) for name, v in eps.items()]
+    for name, value, allowed, ok in checks:
+        if callable(value) or hasattr(value, "shape"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{who}: {name}={value!r} is not allowed; allowed: {allowed}")
+        if not ok(value):
+            raise ValueError(f"{who}: {name}={value!r} is not allowed; allowed: {allowed}")
 
 
 def _wrap(
@@ -66,6 +84,7 @@ def adam8bit(
     plus one float32 absmax per ``block_size`` elements (Dettmers et al., ICLR 2022). 2.03 bytes of state per
     parameter instead of 8.
     """
+    _check_hparams("adam8bit", learning_rate, {"b1": b1, "b2": b2}, {"eps": eps, "eps_root": eps_root})
     inner = optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
     return _wrap(inner, block_size, min_size, overrides, skip_nonfinite)
 
@@ -91,6 +110,7 @@ def adamw8bit(
     ``u = -lr (m_hat / (sqrt(v_hat + eps_root) + eps) + weight_decay * p)``; ``m`` (signed map) and ``v``
     (unsigned map) as in :func:`adam8bit` (Dettmers et al., ICLR 2022; Loshchilov & Hutter, ICLR 2019).
     """
+    _check_hparams("adamw8bit", learning_rate, {"b1": b1, "b2": b2}, {"eps": eps, "eps_root": eps_root})
     inner = optax.adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov)
     return _wrap(inner, block_size, min_size, overrides, skip_nonfinite)
 
@@ -113,6 +133,7 @@ def lion8bit(
     ``u = -lr (sign(b1 m + (1 - b1) g) + weight_decay * p)``, ``m = b2 m + (1 - b2) g`` (Chen et al.,
     "Symbolic Discovery of Optimization Algorithms", 2023); ``m`` stored as in Dettmers et al., ICLR 2022.
     """
+    _check_hparams("lion8bit", learning_rate, {"b1": b1, "b2": b2})
     inner = optax.lion(learning_rate, b1, b2, mu_dtype, weight_decay, mask)
     return _wrap(inner, block_size, min_size, overrides, skip_nonfinite)
 
@@ -138,5 +159,6 @@ def momentum8bit(
             "momentum8bit: momentum=None has no state to quantize; allowed: a float such as "
             "0.9 (use optax.sgd for plain SGD)"
         )
+    _check_hparams("momentum8bit", learning_rate, {"momentum": momentum})
     inner = optax.sgd(learning_rate, momentum, nesterov, accumulator_dtype)
     return _wrap(inner, block_size, min_size, overrides, skip_nonfinite)

@@ -19,10 +19,17 @@ positive code, since ``m / (sqrt(v) + eps)`` explodes for ``v = 0``.
 
 Non-finite gradients (``skip_nonfinite=True``): a NaN or Inf gradient element is replaced by 0 before the
 inner update, and afterwards that element's state is set back to its previous value and its update to 0,
-so its parameter and state are unchanged and no block absmax becomes NaN. A state leaf is matched to its
-gradient leaf by the longest key-path suffix of equal shape (``mu['dense']['kernel']`` ->
-``['dense']['kernel']``). A block all of whose gradients are non-finite keeps its codes and absmax bit
-for bit (re-encoding an unchanged block would move it by the map's asymmetry, -0.99297 vs 1.0).
+so its parameter and state are unchanged and no block absmax becomes NaN. The same holds for a finite
+gradient element whose square overflows its dtype (``|g| > sqrt(max)``, 1.8e19 in float32: ``g = 1e20``
+would make Adam's ``nu`` inf and its block's absmax NaN): it is skipped (update 0, as 32-bit optax's
+``m / sqrt(inf) = 0``; its state is kept, where optax's ``nu`` stays inf and the element never moves
+again), and the rest of its block steps as usual. A huge gradient
+whose state stays finite is stored as it is: it sets its block's absmax, and the block's small entries
+round to the map's smallest codes (the block-wise format's quantization error, as in bitsandbytes). A
+state leaf is matched to its gradient leaf by the longest key-path suffix of equal shape
+(``mu['dense']['kernel']`` -> ``['dense']['kernel']``). A block all of whose gradients are skipped keeps
+its codes and absmax bit for bit (re-encoding an unchanged block would move it by the map's asymmetry,
+-0.99297 vs 1.0).
 
 Speed (XLA on CPU): codes are found arithmetically (:meth:`qjax.formats.Format.encode` of the dynamic
 maps), the block maxima of all leaves of one parameter and the "any finite gradient" flags come from one
@@ -168,6 +175,9 @@ def encode_state(x: jax.Array, fmt: str, block_size: int) -> QArray:
     with ``Quantizer(fmt, PerBlock(block_size))``); with the unsigned map a positive ``x`` whose nearest code
     is 0 gets the smallest positive code instead (Dettmers et al., ICLR 2022; see the module docstring).
     """
+    if fmt not in (SIGNED, UNSIGNED):
+        raise ValueError(f"encode_state: format {fmt!r} is not allowed; allowed: {SIGNED}, {UNSIGNED}")
+    _check_int("block_size", block_size, 1)
     gran, dtype = PerBlock(block_size), x.dtype.name
     x = x.astype(jnp.float32)
     (top,), _ = _block_maxima([x], None, gran)
@@ -288,6 +298,16 @@ def match_params(state_leaves: Sequence[tuple[tuple, tuple[int, ...]]], tree) ->
     return found
 
 
+def _steppable(g: jax.Array) -> jax.Array:
+    """Gradient elements the wrapper steps on: ``|g| <= sqrt(max)`` of ``g``'s dtype, i.e. finite with a
+    finite square (``g^2`` of ``g = 1e20`` is inf in float32, which would make Adam's ``nu`` inf). The rest
+    are skipped (module docstring)."""
+    dtype = jnp.result_type(g)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.ones(jnp.shape(g), bool)
+    return jnp.abs(g) <= float(jnp.finfo(dtype).max) ** 0.5
+
+
 def quantize_state(
     inner: optax.GradientTransformation,
     block_size: int = 256,
@@ -314,14 +334,16 @@ def quantize_state(
         decides its format: ``"float32"`` (keep 32-bit), ``"dynamic"`` (signed map) or
         ``"dynamic_unsigned"``. A pattern that matches no leaf is reported with a warning at ``init``.
       second_moment_fields: state field names whose leaves get the unsigned map.
-      skip_nonfinite: a NaN/Inf gradient element leaves its state and parameter unchanged.
+      skip_nonfinite: a NaN/Inf gradient element, or one whose square overflows (``|g| > 1.8e19`` in
+        float32), leaves its state and parameter unchanged (module docstring). ``False``: no masking, so a
+        non-finite state makes its block's absmax NaN (the whole block decodes to NaN).
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state has ``inner``'s structure, with :class:`QArray` nodes
       in place of the quantized leaves. Works under ``jit``, sharding and Orbax like any optax state.
     """
     if not isinstance(inner, optax.GradientTransformation):
-        raise ValueError(
+        raise TypeError(
             f"quantize_state expects an optax GradientTransformation, got {type(inner).__name__}"
         )
     _check_int("block_size", block_size, 1, " (256 as in bitsandbytes, 2048 as in the paper)")
@@ -332,12 +354,39 @@ def quantize_state(
     fields = tuple(second_moment_fields)
     inner = optax.with_extra_args_support(inner)
 
+    def formats(state) -> list[tuple[tuple, object, str]]:
+        """``(key path, leaf, storage)`` of every leaf of a 32-bit ``inner`` state."""
+        return [(path, leaf, leaf_format(path, leaf, min_size, rules, fields))
+                for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
+
+    def check_state(state, updates) -> None:
+        """``state`` must have the layout ``init`` gives for parameters shaped like ``updates`` (a state of
+        32-bit optax, of another optimizer or of other parameters is refused; checked at trace time)."""
+        given, given_def = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_qarray)
+        expected = jax.eval_shape(inner.init, updates)
+        same = given_def == jax.tree_util.tree_structure(expected)
+        wrong = None if same else "its tree structure is not the one init gives"
+        for (path, node), (_, leaf, fmt) in zip(given, formats(expected), strict=True) if same else ():
+            got = (node.format, node.codes.shape) if _is_qarray(node) else (FLOAT32, jnp.shape(node))
+            if wrong is None and got != (fmt, leaf.shape):
+                wrong = f"{path_str(path)!r} holds {got[0]} {got[1]}, expected {fmt} {leaf.shape}"
+        if wrong is not None:
+            raise ValueError(f"quantize_state: the state was not made by this optimizer's init ({wrong}); "
+                             "allowed: the state that this optimizer's init(params) returned, for params "
+                             "shaped like the gradients")
+
     def init_fn(params):
         state = inner.init(params)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        found = match_params([(p, jnp.shape(x)) for p, x in leaves], params)
+        for (path, leaf), param in zip(leaves, found, strict=True):
+            if param is not None and not any(jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+                                             for x in (leaf, param)):
+                raise TypeError(f"quantize_state: params leaf behind state {path_str(path)!r} has dtype "
+                                f"{jnp.result_type(param)}; allowed: floating parameters (keep integer "
+                                "buffers out of the params, or mask them with optax.masked)")
         stored = []
-        for path, leaf in leaves:
-            fmt = leaf_format(path, leaf, min_size, rules, fields)
+        for _, leaf, fmt in formats(state):
             # The barrier keeps XLA from constant-folding the encoding of optax's zeros under jit (slow).
             stored.append(
                 leaf if fmt == FLOAT32 else encode_state(jax.lax.optimization_barrier(leaf), fmt, block_size)
@@ -353,13 +402,13 @@ def quantize_state(
         return treedef.unflatten(stored)
 
     def inner_step(updates, state, params, extra_args):
-        """The 32-bit step on the dequantized state: ``(updates, new state leaves, finite masks, grad_ok)``,
-        with non-finite gradient elements keeping their state (``s' = where(finite(g), s', s)``)."""
+        """The 32-bit step on the dequantized state: ``(updates, new state leaves, masks, grad_ok)``, with
+        gradient elements that are not :func:`_steppable` keeping their state (``s' = where(ok, s', s)``)."""
         leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_qarray)
         old = [dequantize(x) if _is_qarray(x) else x for _, x in leaves]
         masks, grad_ok = [None] * len(old), None
         if skip_nonfinite:
-            grad_ok = jax.tree_util.tree_map(jnp.isfinite, updates)
+            grad_ok = jax.tree_util.tree_map(_steppable, updates)
             masks = match_params([(p, jnp.shape(x)) for (p, _), x in zip(leaves, old, strict=True)], grad_ok)
             updates = jax.tree_util.tree_map(lambda g, ok: jnp.where(ok, g, 0), updates, grad_ok)
         new_updates, new_state = inner.update(updates, treedef.unflatten(old), params, **extra_args)
@@ -370,6 +419,7 @@ def quantize_state(
         return new_updates, new, masks, grad_ok
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state(state, updates)
         leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=_is_qarray)
         # Three traces of the same step, on copies of the inputs that XLA cannot identify with each other
         # (an optimization barrier): one feeds the new codes, one the block maxima, one the updates. Each

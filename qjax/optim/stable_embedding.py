@@ -1,6 +1,8 @@
 """Stable embedding: Xavier-uniform table, lookup, then LayerNorm; its optimizer state stays 32-bit.
 
-``y = LayerNorm(E[ids])`` with ``E ~ U(-sqrt(6 / (n + d)), sqrt(6 / (n + d)))``. The 8-bit optimizers paper
+``y = LayerNorm(E[ids])`` with ``E ~ U(-sqrt(6 / (n + d)), sqrt(6 / (n + d)))``. Ids must be integers in
+``[0, n)``: a concrete id outside is a ``ValueError``; under jit (traced ids) it gives a NaN row, as
+``jnp.take``'s default "fill" mode does, so the mistake stays visible. The 8-bit optimizers paper
 (Dettmers, Lewis, Shleifer, Zettlemoyer, ICLR 2022, section 2.3) adds it to keep the variance of token
 embeddings uniform, which stabilises training with 8-bit states of the rest of the model; the table itself
 is named ``stable_embedding``, a path that :func:`qjax.optim.quantize_state` keeps in 32-bit by default
@@ -15,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 
@@ -31,10 +34,16 @@ def _check_sizes(num_embeddings, features) -> None:
 def _lookup(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
     ids = jnp.asarray(ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
+        raise TypeError(
             f"StableEmbedding: ids must be integers, got dtype {ids.dtype}; allowed: int32, int64, uint8, ..."
         )
-    x = jnp.take(table, ids, axis=0)
+    if not isinstance(ids, jax.core.Tracer):
+        n = table.shape[0]
+        bad = np.unique(np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= n)])
+        if bad.size:
+            raise ValueError(f"StableEmbedding: ids hold {bad[:8].tolist()} outside [0, {n}); allowed: "
+                             f"0 .. {n - 1}")
+    x = jnp.take(table, ids, axis=0)  # under jit an out-of-range id gives a NaN row (jnp.take's "fill")
     return x if dtype is None else x.astype(dtype)
 
 

@@ -24,11 +24,13 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.ptq.capture import statistics
-from qjax.ptq.layers import check_batches
+from qjax.ptq.layers import check_batches, check_token_mask
 from qjax.ptq.model import model_view
 from qjax.quantizer import scale_shape
+from qjax.scales import TINY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Range:
 
 
 def _absmax_stat(rows: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.max(jnp.abs(rows) * (mask[:, None] > 0), axis=0)
+    return jnp.max(jnp.where(mask[:, None] > 0, jnp.abs(rows), 0.0), axis=0)
 
 
 def calibrate(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
@@ -50,15 +52,22 @@ def calibrate(model, variables: Mapping | None, rules, batches: Sequence[Mapping
     ``batches`` (module docstring).
 
     ``model``/``variables``: a Linen module and its variables, or an NNX module and ``None``. Padding
-    tokens (``batch[token_mask] == 0``) are left out. The forward pass is jitted once.
+    tokens (``batch[token_mask] == 0``) are left out; batches whose every token is masked, and inputs
+    holding NaN or inf (outside the padding), are a ``ValueError``. The forward pass is jitted once.
     """
     batches = check_batches(batches, "calibrate")
+    check_token_mask(batches, token_mask, "calibrate")
     view = model_view(model, variables, rules, batches[0], apply_kwargs, "calibrate")
     modules = [e.path for e in view.table.values()
                if e.rule is not None and (e.rule.weight is not None or e.rule.input is not None)]
     if not modules:
         raise ValueError(f"calibrate: no module matched the rules {[r.label for r in view.rules]}")
     stats = statistics(view, view.params, batches, modules, _absmax_stat, jnp.maximum, token_mask=token_mask)
+    for path, v in stats.items():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(v)))
+        if bad.size:
+            raise ValueError(f"calibrate: the inputs of module {'/'.join(path)!r} hold NaN or inf on the "
+                             f"calibration batches (channels {bad[:8].tolist()}); allowed: finite inputs")
     return {"/".join(p): Range(jnp.max(v), v) for p, v in stats.items()}
 
 
@@ -72,6 +81,12 @@ def input_scales(model, variables: Mapping | None, rules, ranges: Mapping[str, R
     ``quantize_model(model, rules).apply``). NNX (``variables=None``): quantizes ``model`` in place by the
     rules (:func:`qjax.nnx.quantize_model` with ``batch`` as its example input) unless it is quantized
     already, sets each module's ``input_qscale``, and returns ``model``; a later PTQ method keeps them.
+
+    No zero scale is ever stored: a channel that was 0 on every calibration token takes its module's
+    ``absmax`` (the range of its other channels), and a module whose every input was 0 takes the floor
+    ``s = TINY`` (:data:`qjax.scales.TINY`, the smallest normal float32, as the ``absmax`` rule does): each
+    scale is ``max(absmax / fmax, TINY)``. A NaN/inf range is a ``ValueError`` (under a trace, where it
+    cannot be checked, it stores ``s = TINY``, as the ``absmax`` rule floors a zero range).
     """
     view = model_view(model, variables, rules, batch, apply_kwargs, "input_scales")
     scales = {}
@@ -83,6 +98,9 @@ def input_scales(model, variables: Mapping | None, rules, ranges: Mapping[str, R
             raise ValueError(f"input_scales: no calibrated range for module {name!r}; calibrated: "
                              f"{sorted(ranges)[:20]}")
         r = ranges[name]
+        if not isinstance(r, Range):
+            raise TypeError(f"input_scales: ranges[{name!r}] is a {type(r).__name__}; allowed: a "
+                            "qjax.ptq.Range, as calibrate returns")
         k = r.channel_absmax.shape[0]
         shape = scale_shape(q, (1, k))
         if shape == (1, 1):
@@ -92,6 +110,15 @@ def input_scales(model, variables: Mapping | None, rules, ranges: Mapping[str, R
         else:
             raise ValueError(f"input_scales: {q.granularity} on module {name!r} has no static range; "
                              "allowed: PerTensor() or PerChannel(-1) input quantizers")
-        scale = jnp.maximum(value, jnp.finfo(jnp.float32).tiny) / q.fmt.max_abs
-        scales[entry.path] = scale.reshape(shape)
+        scales[entry.path] = _scale(name, value, r.absmax, q.fmt.max_abs).reshape(shape)
     return view.with_input_scales(scales)
+
+
+def _scale(name: str, absmax: jax.Array, module_absmax: jax.Array, fmax: float) -> jax.Array:
+    """``max(a / fmax, TINY)`` with ``a`` the channel's absmax, its module's where that is 0; a NaN/inf
+    range raises when concrete, else takes ``TINY`` (:func:`input_scales`)."""
+    if not isinstance(absmax, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(absmax))):
+        raise ValueError(f"input_scales: the calibrated range of module {name!r} holds NaN or inf "
+                         f"({np.asarray(absmax).ravel()[:4]}); allowed: finite ranges (from finite inputs)")
+    a = jnp.where(absmax > 0, absmax, module_absmax)
+    return jnp.where(jnp.isfinite(a), jnp.maximum(a / fmax, TINY), TINY)

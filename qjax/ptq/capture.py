@@ -10,7 +10,9 @@ computed on it, flattened to rows ``(n, K)`` (``K`` its last axis), and returned
 pass. The model's code is not touched, and both front ends are served by the same handler.
 
 ``mask`` weights the rows: when the batch holds ``token_mask`` (``"attention_mask"`` by default) and its
-shape equals ``x.shape[:-1]``, padding tokens get weight 0; otherwise every row counts.
+shape equals ``x.shape[:-1]``, padding tokens get weight 0 (a statistic must leave them out with
+``jnp.where``, not a product, so a NaN in padding stays out); otherwise every row counts. A mask that is 0
+everywhere (an inverted mask), negative or not finite is refused (:func:`qjax.ptq.layers.check_token_mask`).
 
 A module whose weight is contracted more than once in one forward pass (a shared layer) adds up all its
 calls with ``combine``, and so do the batches (``jnp.add`` for sums, ``jnp.maximum`` for ranges). One
@@ -30,7 +32,7 @@ from jax.extend import core as jex_core
 from qjax.core import operand_positions
 from qjax.interception import intercepting
 from qjax.linen import unbox
-from qjax.ptq.layers import Path, check_batches, get_path
+from qjax.ptq.layers import Path, check_batches, check_token_mask, get_path
 
 Stat = Callable[[jax.Array, jax.Array], object]  # (rows (n, K) float32, row weights (n,)) -> pytree
 
@@ -149,6 +151,7 @@ def input_statistics(model, variables: Mapping | None, batches: Sequence[Mapping
     from qjax.ptq.model import model_view
 
     batches = check_batches(batches, "input_statistics")
+    check_token_mask(batches, token_mask, "input_statistics")
     view = model_view(model, variables, (), batches[0], apply_kwargs, "input_statistics")
     return statistics(view, view.params, batches, [tuple(m) for m in modules], stat, combine,
                       token_mask=token_mask, fn=fn, active=active)

@@ -15,6 +15,7 @@ model has no logits, so MSE on its outputs is the analogue.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -70,6 +71,16 @@ def checked_batches(batches: Sequence[Mapping], steps: int, who: str) -> list[di
             raise ValueError(f"{who}: batch {i} has shapes {s}, batch 0 {shapes[0]}; allowed: batches of "
                              "one shape (pad every batch to the same length), so the step compiles once")
     return batches
+
+
+def check_learning_rate(who: str, **rates) -> None:
+    """Each ``name=value`` a finite number >= 0 (0 turns the step off; a schedule, a callable, passes)."""
+    for name, value in rates.items():
+        if callable(value):
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{who}: {name}={value!r} is not allowed; allowed: a finite number >= 0")
 
 
 def run_steps(step: Callable, state, batches: Sequence[Mapping], targets: Sequence[jax.Array], steps: int,

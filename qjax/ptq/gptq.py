@@ -6,7 +6,9 @@ Pre-trained Transformers", ICLR 2023 (published as OPTQ). For a Dense kernel ``W
 calibration inputs ``X (n, K)`` it minimises ``||X W - X W_q||^2`` with the Hessian ``H = 2 X^T X / n``:
 
 1. dampening ``H += damp * mean(diag H) * I`` (``damp = 0.01``); a dead input (``H_kk = 0``) gets
-   ``H_kk = 1`` and a zero weight row;
+   ``H_kk = 1`` and a zero weight row; a Hessian that is 0 everywhere (the layer saw no calibration input:
+   every token masked, or every input 0) is replaced by ``I``, so the layer is rounded to nearest (RTN)
+   rather than zeroed; eagerly this warns (:func:`gptq` names the layer), under a trace it is silent;
 2. optional activation order: rows sorted by decreasing ``H_kk`` (``act_order``);
 3. ``U = chol(H^-1)^T``, the upper Cholesky factor of the inverse Hessian;
 4. for each row ``k`` in order: ``q_k = quant(w_k)``, ``e_k = (w_k - q_k) / U_kk`` and
@@ -25,14 +27,16 @@ the clipping error it absorbs: on all-MiniLM-L6-v2 at ternary g64 that collapsed
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.granularity import PerChannel, PerGroup, PerTensor
 from qjax.ptq.capture import capture_fn, input_statistics, statistics
-from qjax.ptq.layers import Layer, Path, check_batches, dequantized_params, weight
+from qjax.ptq.layers import Layer, Path, check_batches, check_token_mask, dequantized_params, weight
 from qjax.ptq.model import model_view
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, quantize
@@ -44,8 +48,8 @@ _RANGE_RULES = ("absmax", "minmax")
 
 def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(2 X^T diag(mask) X, sum(mask))`` of one batch's input rows (sums over batches; divide last)."""
-    weighted = rows * mask[:, None]
-    return 2.0 * weighted.T @ rows, jnp.sum(mask)
+    rows = jnp.where(mask[:, None] > 0, rows, 0.0)  # padding left out by where: a NaN there stays out
+    return 2.0 * (rows * mask[:, None]).T @ rows, jnp.sum(mask)
 
 
 def _mean_hessian(h: jax.Array, count: jax.Array) -> jax.Array:
@@ -53,9 +57,12 @@ def _mean_hessian(h: jax.Array, count: jax.Array) -> jax.Array:
     return h / jnp.maximum(count, 1.0)
 
 
-def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int):
+def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int, damp):
     if not isinstance(q, Quantizer):
-        raise ValueError(f"gptq_layer expects a Quantizer, got {type(q).__name__}")
+        raise TypeError(f"gptq_layer expects a Quantizer, got {type(q).__name__}")
+    if not isinstance(damp, jax.core.Tracer) and not (np.ndim(damp) == 0 and np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"gptq_layer: damp={damp!r} is not allowed; allowed: a finite number >= 0 (0.01 "
+                         "as in the paper)")
     if jnp.ndim(w) != 2:
         raise ValueError(f"gptq_layer: weight must be a 2-D (in, out) kernel, got shape {jnp.shape(w)}")
     k = w.shape[0]
@@ -89,7 +96,9 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
 
     h = hessian.astype(jnp.float32)
     dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(jnp.float32))
+    no_input = jnp.all(dead)  # H = 0: no calibration input at all; H = I instead, i.e. RTN
+    dead = dead & ~no_input
+    h = jnp.where(no_input, jnp.eye(k, dtype=jnp.float32), h + jnp.diag(dead.astype(jnp.float32)))
     w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
@@ -181,16 +190,29 @@ def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: in
     Returns the QArray (unpacked codes, scales as :func:`qjax.quantize` lays them out for ``q``) that
     minimises the layer's output error greedily; ``dequantize`` gives ``W_q``. Jitted (``q``,
     ``block_size`` and ``act_order`` static); raises ``ValueError`` when the dampened Hessian is not
-    positive definite (increase ``damp``), unless called under a trace.
+    positive definite (increase ``damp``) or holds NaN/inf, unless called under a trace. A Hessian that
+    is 0 everywhere gives RTN (module docstring, step 1), with a warning unless traced.
     """
-    _check_layer(q, w, hessian, block_size)
+    _check_layer(q, w, hessian, block_size, damp)
     traced = _tracing(w, hessian, damp)
+    if not traced:
+        _check_hessian(hessian, "gptq_layer")
+        if not np.any(np.diag(np.asarray(hessian))):
+            warnings.warn("gptq_layer: the Hessian is 0 everywhere (no calibration input): rounded to "
+                          "nearest (RTN) instead", stacklevel=2)
     solver = _gptq_nested if traced else _gptq_top
     qa, ok = solver(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order)
     if not traced and not bool(ok):
         raise ValueError(f"gptq_layer: the dampened Hessian is not positive definite (Cholesky gave "
                          f"non-finite values) with damp={float(damp)}; allowed: a larger damp, e.g. 0.1")
     return qa
+
+
+def _check_hessian(hessian, who: str) -> None:
+    h = np.asarray(hessian)
+    if not np.all(np.isfinite(h)):
+        raise ValueError(f"{who}: the Hessian holds {np.count_nonzero(~np.isfinite(h))} NaN/inf entries (the "
+                         "calibration inputs hold NaN or inf); allowed: a finite Hessian from finite inputs")
 
 
 def _stage(layer: Layer) -> Path:
@@ -226,8 +248,15 @@ def gptq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
     by block) quantizes the model block by block (``encoder/layer/0``, ``.../1``, ...): a block's Hessians
     are collected with every earlier block already quantized, so later layers correct the earlier error;
     ``False`` collects every Hessian from the float model in one pass (faster, slightly worse).
+
+    No silent zeros: batches whose every token is masked (``batch[token_mask] == 0`` everywhere, e.g. an
+    inverted attention mask) are refused with ``ValueError``; a layer that still receives no calibration
+    input (0 unmasked tokens, or every input 0, so ``H = 0`` and GPTQ would zero every weight) is rounded
+    to nearest (RTN) instead, with a warning naming the layer; NaN/inf inputs are a ``ValueError`` naming
+    the layer.
     """
     batches = check_batches(batches, "gptq")
+    check_token_mask(batches, token_mask, "gptq")
     view = model_view(model, variables, rules, batches[0], apply_kwargs, "gptq")
     layers = view.layers
     params = view.params
@@ -249,7 +278,14 @@ def gptq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
         for layer in stage_layers:
             h, count = stats[layer.module]
             w = weight(params, layer)
+            if float(count) == 0 or not np.any(np.diag(np.asarray(h))):
+                why = "0 unmasked tokens" if float(count) == 0 else "every input is 0"
+                warnings.warn(f"gptq: layer {layer.name} received no calibration input ({why} over "
+                              f"{len(batches)} batches): rounded to nearest (RTN) instead", stacklevel=2)
+                qarrays[layer.path] = quantize(layer.quantizer, w)
+                continue
             try:
+                _check_hessian(h, f"layer {layer.name}")
                 qarrays[layer.path] = gptq_layer(layer.quantizer, w, _mean_hessian(h, count),
                                                  block_size=block_size, damp=damp, act_order=act_order)
             except ValueError as err:

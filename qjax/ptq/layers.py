@@ -25,6 +25,8 @@ import functools
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from qjax.core import stacked_map
 from qjax.linen import rebox, serving_variables, unbox
@@ -67,7 +69,42 @@ def check_batches(batches: Sequence[Mapping[str, jax.Array]], who: str) -> list[
         if not isinstance(batch, Mapping):
             raise ValueError(f"{who}: batch {i} is a {type(batch).__name__}; allowed: a dict of arrays "
                              "passed as keyword arguments to the model")
+        for key, value in batch.items():
+            if value is None:  # an absent optional input (e.g. a cache)
+                continue
+            scalar = isinstance(value, bool | int | float)
+            dtype = np.result_type(value) if scalar else getattr(value, "dtype", None)
+            if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+                raise TypeError(f"{who}: batch {i}[{key!r}] is a {type(value).__name__} of dtype {dtype}; "
+                                "allowed: numeric or bool arrays, or None (static arguments go in "
+                                "apply_kwargs)")
+        kinds, first = _layout(batch), _layout(batches[0])
+        if kinds != first:
+            raise ValueError(f"{who}: batch {i} has keys, ranks and dtype kinds {kinds}, batch 0 {first}; "
+                             "allowed: batches of the same inputs (lengths may differ)")
     return [dict(b) for b in batches]
+
+
+def _layout(batch: Mapping) -> dict:
+    return {k: None if v is None else (jnp.ndim(v), jnp.result_type(v).kind) for k, v in batch.items()}
+
+
+def check_token_mask(batches: Sequence[Mapping], token_mask: str | None, who: str) -> None:
+    """A concrete ``batch[token_mask]`` must be finite and >= 0, and not 0 everywhere: a calibration set
+    whose every token is masked (an inverted mask) has no input to calibrate on. Traced masks pass."""
+    masks = [b[token_mask] for b in batches if token_mask and token_mask in b]
+    if not masks or any(isinstance(m, jax.core.Tracer) for m in masks):
+        return
+    values = [np.asarray(m, np.float64) for m in masks]
+    for i, v in enumerate(values):
+        bad = v[~(np.isfinite(v) & (v >= 0))]
+        if bad.size:
+            raise ValueError(f"{who}: batch {i}[{token_mask!r}] holds {bad[:3]}; allowed: finite weights "
+                             ">= 0 (1 for a real token, 0 for padding)")
+    if not any(np.any(v > 0) for v in values):
+        raise ValueError(f"{who}: every token of every batch is masked (batch[{token_mask!r}] == 0 "
+                         "everywhere): nothing to calibrate on; allowed: 1 for real tokens and 0 for padding "
+                         "(is the mask inverted?), or token_mask=None to use every token")
 
 
 def quantized_layers(model, variables: Mapping | None, batch: Mapping, apply_kwargs: Mapping | None = None,

@@ -30,7 +30,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, view_targets
+from qjax.ptq.distill import (
+    OutputFn,
+    check_learning_rate,
+    checked_batches,
+    first_output,
+    mse,
+    run_steps,
+    view_targets,
+)
 from qjax.ptq.layers import Layer, Path, weight, with_weights
 from qjax.ptq.model import model_view
 from qjax.qarray import QArray, dequantize, unpack
@@ -51,8 +59,15 @@ class PVState:
     v_state: optax.OptState
 
 
+def _check_tau(tau, who: str) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0 < tau <= 1:
+        raise ValueError(f"{who}: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
+
+
 def top_tau_mask(score: jax.Array, tau: float) -> jax.Array:
-    """Boolean mask of the ``ceil(tau * size)`` largest entries of ``score`` (ties broken by position)."""
+    """Boolean mask of the ``ceil(tau * size)`` largest entries of ``score`` (ties broken by position);
+    ``tau`` a Python float in ``(0, 1]``."""
+    _check_tau(tau, "top_tau_mask")
     k = max(1, math.ceil(tau * score.size))
     _, idx = jax.lax.top_k(score.reshape(-1), k)
     return jnp.zeros(score.size, bool).at[idx].set(True).reshape(score.shape)
@@ -63,6 +78,9 @@ def requantize_subspace(qa: QArray, buffer: jax.Array, tau: float) -> QArray:
     ``(B - W_q)^2`` to the grid with ``qa``'s scales, ``c = clip(round(B / s + z), lo, hi)``;
     keep the rest."""
     qa = unpack(qa)
+    if jnp.shape(buffer) != qa.shape:
+        raise ValueError(f"requantize_subspace: buffer has shape {jnp.shape(buffer)}; allowed: {qa.shape}, "
+                         "the QArray's shape")
     current = dequantize(qa).astype(jnp.float32)
     given = _quantizer_of(qa)
     rounded = quantize(given, buffer.astype(jnp.float32), scale=qa.scale, zero_point=qa.zero_point).codes
@@ -102,8 +120,8 @@ def pv_tuning(model, variables: Mapping | None, rules, batches: Sequence[Mapping
     Each step is one P step and one V step on one batch; all batches must share their shapes.
     """
     batches = checked_batches(batches, steps, "pv_tuning")
-    if not 0 < tau <= 1:
-        raise ValueError(f"pv_tuning: tau={tau!r} must be in (0, 1]; the paper uses 0.01")
+    _check_tau(tau, "pv_tuning")
+    check_learning_rate("pv_tuning", p_learning_rate=p_learning_rate, v_learning_rate=v_learning_rate)
     view = model_view(model, variables, rules, batches[0], apply_kwargs, "pv_tuning")
     layers = view.layers
     params = view.params

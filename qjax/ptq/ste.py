@@ -20,7 +20,15 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import optax
 
-from qjax.ptq.distill import OutputFn, checked_batches, first_output, mse, run_steps, view_targets
+from qjax.ptq.distill import (
+    OutputFn,
+    check_learning_rate,
+    checked_batches,
+    first_output,
+    mse,
+    run_steps,
+    view_targets,
+)
 from qjax.ptq.model import model_view
 
 
@@ -39,6 +47,8 @@ def ste_finetune(model, variables: Mapping | None, rules, batches: Sequence[Mapp
     quantization scales stay as they are). One jitted step.
     """
     batches = checked_batches(batches, steps, "ste_finetune")
+    if optimizer is None:
+        check_learning_rate("ste_finetune", learning_rate=learning_rate)
     view = model_view(model, variables, rules, batches[0], apply_kwargs, "ste_finetune")
     _ = view.layers  # raises when the rules match nothing (before any training)
     targets = view_targets(view.teacher(teacher), batches, output_fn)

@@ -77,5 +77,5 @@ def test_bad_sizes_raise(n, d):
 
 
 def test_float_ids_raise():
-    with pytest.raises(ValueError, match="ids must be integers"):
+    with pytest.raises(TypeError, match="ids must be integers"):
         qo.StableEmbeddingNNX(N, D, rngs=nnx.Rngs(0))(jnp.ones((2,)))

@@ -58,7 +58,23 @@ def test_calibration_errors(mlp):
     model, variables, batches = mlp
     with pytest.raises(ValueError, match="batches is empty"):
         calibrate(model, variables, RULES, [])
-    with pytest.raises(ValueError, match="no module matched"):
+    with pytest.raises(ValueError, match="matches no module path"):
         calibrate(model, variables, [Rule("nothing", weight=Quantizer("int4"))], batches)
     with pytest.raises(ValueError, match="allowed: a dict of arrays"):
         calibrate(model, variables, RULES, [batches[0]["x"]])
+
+
+def test_an_always_zero_channel_never_stores_a_zero_scale(mlp):
+    """Issue 12: its scale was absmax(0) floored at TINY *before* / 127, a subnormal that flushes to 0."""
+    model, variables, batches = mlp
+    rules = [Rule(".*", types=("Dense",), input=Quantizer("int8", PerChannel(-1), "given"))]
+    dead = [{**b, "x": b["x"].at[..., 3].set(0.0)} for b in batches]
+    ranges = calibrate(model, variables, rules, dead)
+    scale = input_scales(model, variables, rules, ranges, dead[0])["quant"]["dense_0"]["__input__"]
+    scale = np.asarray(scale)
+    assert scale.ravel()[3] == np.float32(ranges["dense_0"].absmax) / np.float32(127)
+    assert np.all(scale > 0) and np.all(np.isfinite(scale))
+    zero = [{**b, "x": jnp.zeros_like(b["x"])} for b in batches[:1]]
+    ranges = calibrate(model, variables, rules, zero)
+    scale = input_scales(model, variables, rules, ranges, zero[0])["quant"]["dense_0"]["__input__"]
+    np.testing.assert_array_equal(scale, np.float32(np.finfo(np.float32).tiny))

@@ -52,7 +52,7 @@ def test_sequential_and_one_pass_both_beat_rtn(mlp):
 
 def test_model_level_errors(mlp):
     model, variables, batches = mlp
-    with pytest.raises(ValueError, match="no weight matched"):
+    with pytest.raises(ValueError, match="matches no module path"):
         gptq(model, variables, [Rule("nothing", weight=Quantizer("int4"))], batches)
     with pytest.raises(ValueError, match="layer head"):
         gptq(model, variables, [Rule("head", weight=Quantizer("int4", PerGroup(0, 48)))], batches)
@@ -82,3 +82,25 @@ def test_gptq_on_flax_bert_by_rules():
     ref = bert.module.apply(variables, **batch, deterministic=True)[0]
     err = lambda v: float(jnp.mean(((out(v) - ref) * mask[..., None]) ** 2))
     assert err(frozen) < err(rtn(bert.module, variables, rules, batch, **kw))
+
+
+def test_no_calibration_input_is_refused_or_rounded_to_nearest_never_zeroed(mlp):
+    """Issue 12: an inverted mask used to zero every weight silently."""
+    model, variables, batches = mlp
+    masked = [{**b, "attention_mask": jnp.zeros_like(b["attention_mask"])} for b in batches]
+    with pytest.raises(ValueError, match="every token of every batch is masked"):
+        gptq(model, variables, W3, masked)
+    zeros = [{**b, "x": jnp.zeros_like(b["x"])} for b in batches[:1]]  # dense_0 sees only 0 inputs
+    with pytest.warns(UserWarning, match="layer dense_0/kernel received no calibration input"):
+        frozen = gptq(model, variables, W3, zeros)
+    got, want = (np.asarray(f["params"]["dense_0"]["kernel"].unpack().codes)
+                 for f in (frozen, rtn(model, variables, W3, batches[0])))
+    np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(got) > 0
+    nan_padding = [{**b, "x": jnp.where(b["attention_mask"][..., None] > 0, b["x"], jnp.nan)}
+                   for b in batches]
+    clean = gptq(model, variables, W3, batches)
+    spiked = gptq(model, variables, W3, nan_padding)
+    for name in ("dense_0", "dense_1", "head"):  # NaN in padding tokens stays out of every Hessian
+        np.testing.assert_array_equal(spiked["params"][name]["kernel"].codes,
+                                      clean["params"][name]["kernel"].codes)

@@ -152,7 +152,7 @@ def test_nnx_call_errors(mlp):
         ptq.rtn(nnx_model, variables, W3, batches[0])
     with pytest.raises(ValueError, match="needs its variables"):
         ptq.rtn(model, None, W3, batches[0])
-    with pytest.raises(ValueError, match="no weight matched"):
+    with pytest.raises(ValueError, match=r"no weight matched|matches no module path"):
         ptq.gptq(nnx_model, None, [Rule("nothing", weight=Quantizer("int4"))], batches)
     assert not hasattr(nnx_model, qn.HPARAMS)  # a failed method leaves the model as it was
 
