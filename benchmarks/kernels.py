@@ -15,7 +15,7 @@ against a bfloat16 ``jnp.dot``, with achieved GB/s (bytes the kernel must read a
 (2MKN / time) against the device's roofline where its peaks are known, and the issue's goals at M <= 16
 (int4 >= 3.5x, int8 >= 1.8x, binary >= 8x over bfloat16). Elsewhere it is recorded as not measured.
 
-    python -m benchmarks.kernels [--quick] [--out results/kernels.json]
+    python -m benchmarks.kernels [--quick] [--out results/]      # default: runs/kernels.json
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 import kernels_pallas as kp
-from benchmarks.machine import cpu_name
+from benchmarks.machine import OUT_HELP, cpu_name, out_path
 from qjax import packing
 
 WEIGHT_ONLY = {"int8": (8, None), "int4": (4, None), "int4_g128": (4, 128), "int2": (2, None),
@@ -180,8 +179,9 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (a smoke run)")
-    parser.add_argument("--out", default="results/kernels.json")
+    parser.add_argument("--out", default=None, help=OUT_HELP.replace("NAME", "kernels"))
     args = parser.parse_args(argv)
+    out = out_path(args.out, "kernels.json")
     if args.quick:
         cpu_sizes, cpu_ms, acc_sizes, acc_ms, rounds, reps = [256], [1, 8], [1024], [1, 16], 2, 2
     else:
@@ -191,8 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
               "cpu": cpu_section(cpu_sizes, cpu_ms, rounds, reps),
               "accelerator": accelerator_section(acc_sizes, acc_ms, rounds, reps)}
     result["environment"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
     print(table(result))
     print(f"wrote {out}")

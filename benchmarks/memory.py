@@ -28,7 +28,7 @@ shape, the peak of the per-weight step ``freeze`` runs (``pack_for_serving(quant
 in ``qjax/nnx.py``'s ``freeze``), run op by op (as ``freeze`` runs it) and under ``jax.jit``, in units of
 that weight's bytes: what one weight's temporaries add to the peak.
 
-    python -m benchmarks.memory [--quick] [--out results/memory.json]
+    python -m benchmarks.memory [--quick] [--out results/]      # default: runs/memory.json
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.machine import cpu_name, write_results
+from benchmarks.machine import OUT_HELP, cpu_name, out_path, write_results
 
 GOAL = 1.1  # qjax's peak live bytes / float parameter bytes
 CONFIGS = {
@@ -411,7 +411,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~31 MB model instead of ~675 MB")
-    parser.add_argument("--out", default="results/memory.json")
+    parser.add_argument("--out", default=None, help=OUT_HELP.replace("NAME", "memory"))
     parser.add_argument("--interval-ms", type=float, default=1.0, help="background sampling period")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     results["qjax_peak_ratio"] = qj["peak_ratio"]
     results["qwix_peak_ratio"] = results["qwix"].get("peak_ratio", "not measured")
     results["goal_met"] = qj["peak_ratio"] <= GOAL
-    return write_results(results, args.out, table(results))
+    return write_results(results, out_path(args.out, "memory.json"), table(results))
 
 
 if __name__ == "__main__":

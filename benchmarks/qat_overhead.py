@@ -30,7 +30,7 @@ Each method also records which dot products its compiled step runs (operand and 
 ``dot`` in the optimized HLO), so an integer forward path shows up as ``s8,s8->s32`` dots; and, if
 ``qjax.linen`` reports the path its QAT forward took, that report.
 
-    python -m benchmarks.qat_overhead [--quick] [--out results/qat_overhead.json]
+    python -m benchmarks.qat_overhead [--quick] [--out results/]      # default: runs/qat_overhead.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import optax
 
 import qjax
-from benchmarks.machine import cpu_name, write_results
+from benchmarks.machine import OUT_HELP, cpu_name, out_path, write_results
 from qjax import PerChannel, PerToken, Quantizer, Rule
 from qjax import linen as qlinen
 from qjax.machine import _cpu_flags, int8_product_is_faster, resolve_product
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps (a smoke test)")
-    parser.add_argument("--out", default="results/qat_overhead.json", help="where to write the JSON")
+    parser.add_argument("--out", default=None, help=OUT_HELP.replace("NAME", "qat_overhead"))
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 30; quick 2)")
     parser.add_argument("--steps-per-round", type=int, default=None, help="default 3; quick 2")
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated subset")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{case.name}: {case.shape}", flush=True)
             results["models"][case.name] = time_case(case, warmup, rounds, per_round, names,
                                                      log=lambda s: print(s, flush=True))
-    return write_results(results, args.out, table(results))
+    return write_results(results, out_path(args.out, "qat_overhead.json"), table(results))
 
 
 if __name__ == "__main__":

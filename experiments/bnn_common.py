@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -232,6 +234,13 @@ def load_data(name: str) -> Data:
 
 # --- training ----------------------------------------------------------------------------------------
 
+def serving_backend() -> str:
+    """The frozen model's packed-matmul backend: the Pallas kernel on GPU/TPU (``"auto"``), the pure-jnp
+    reference on CPU (``"xla"``, which is what ``"auto"`` runs there, without its once-only fallback warning:
+    there is nothing a user of these studies should change)."""
+    return "xla" if jax.default_backend() == "cpu" else "auto"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimizer and loop sizes (Adam with a cosine-decayed learning rate, the same for every method)."""
@@ -303,7 +312,7 @@ class Trainer:
                  small: bool = False):
         self.method, self.model_kind, self.config = method, model_kind, config
         self.qmodel = qjax.linen.quantize_model(make_model(model_kind, method.activation, small),
-                                                method.rules())
+                                                method.rules(), backend=serving_backend())
         self.total_steps = max(steps_per_epoch * config.epochs, 1)
         self.optimizer = optax.adam(optax.cosine_decay_schedule(config.learning_rate, self.total_steps))
         self.final_hparams = method.schedule(self.total_steps, self.total_steps)
@@ -400,6 +409,7 @@ class Trainer:
 def run_study(methods: Sequence[Method], models: Sequence[str], seeds: Sequence[int], data: Data,
               config: TrainConfig | dict, small: bool = False, progress: bool = True) -> list[dict]:
     """Every (model, method, seed) run under one tqdm progress bar (one tick per epoch); the run rows.
+    A warning raised meanwhile is printed on its own line above the bar (one line: category and message).
 
     ``config`` is one :class:`TrainConfig` or a dict model kind -> TrainConfig.
     """
@@ -412,7 +422,10 @@ def run_study(methods: Sequence[Method], models: Sequence[str], seeds: Sequence[
     configs = config if isinstance(config, dict) else {m: config for m in models}
     total = sum(configs[m].epochs for m in models) * len(methods) * len(seeds)
     rows = []
-    with tqdm(total=total, unit="epoch", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="epoch", disable=not progress, dynamic_ncols=True) as bar, \
+            warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_: bar.write(f"{category.__name__}: {message}",
+                                                                     file=sys.stderr)
         for model_kind in models:
             for method in methods:
                 config = configs[model_kind]

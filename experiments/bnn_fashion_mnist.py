@@ -7,8 +7,8 @@ Methods (:data:`experiments.bnn_common.METHODS`): fp32, int8, int4, ternary (Bit
 weights and activations with STE, clipped STE, ReSTE (``o`` annealed 1 -> 3) and BiPer (two stages,
 ``omega = 20``). Each (model, method) is trained with 3 seeds; the table gives the mean and standard
 deviation of the test accuracy, the frozen model's accuracy and its real size. Writes
-``results/bnn_fashion_mnist.{json,md,png}`` (or under ``$QJAX_RESULTS_DIR``). Data: ``$QJAX_DATA``, the
-Debian package ``dataset-fashion-mnist``, or a checksummed download (:mod:`experiments.data`).
+``bnn_fashion_mnist.{json,md,png}`` to ``runs/`` (``--out DIR``). Data: ``$QJAX_DATA``, the Debian package
+``dataset-fashion-mnist``, or a checksummed download (:mod:`experiments.data`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 from experiments import bnn_common as bc
 from experiments import bnn_report as report
-from experiments.cli import add_run_options
+from experiments.cli import add_run_options, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,4 +153,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -46,7 +46,12 @@ FASHION_MNIST_FILES = {  # IDX name: (MD5 of upstream's .gz, SHA-256 of the deco
 
 
 class DataError(ValueError):
-    """A data file that is missing or fails its checksum."""
+    """Data a job needs that is missing or fails its checksum; the message is one line saying how to get it
+    (:func:`experiments.cli.run` prints it instead of a traceback)."""
+
+
+HOW_TO_GET = ("install the Debian package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) "
+              "or set QJAX_DATA to a folder holding its four IDX files")
 
 
 def _verified_idx(path: Path, name: str) -> bytes:
@@ -59,7 +64,7 @@ def _verified_idx(path: Path, name: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(
             f"{path} fails its checksum (expected MD5 {md5} of the .gz or SHA-256 {sha256} of "
-            "the IDX bytes): a damaged or different file"
+            f"the IDX bytes): a damaged or different file; remove it and {HOW_TO_GET}"
         )
     return data
 
@@ -98,7 +103,13 @@ def _download(folder: Path) -> None:
             continue
         print(f"fashion-mnist: downloading {FASHION_MNIST_URL}{name}.gz -> {target}", file=sys.stderr)
         partial = target.with_suffix(".part")
-        urllib.request.urlretrieve(f"{FASHION_MNIST_URL}{name}.gz", partial)
+        try:
+            urllib.request.urlretrieve(f"{FASHION_MNIST_URL}{name}.gz", partial)
+        except OSError as err:  # URLError (offline, DNS), HTTPError, a full disk
+            partial.unlink(missing_ok=True)
+            raise DataError(f"Fashion-MNIST is not in {', '.join(map(str, _local_dirs()))} and its download "
+                            f"from {FASHION_MNIST_URL} failed ({type(err).__name__}: "
+                            f"{getattr(err, 'reason', err)}): {HOW_TO_GET}") from None
         partial.rename(target)
 
 
@@ -111,11 +122,8 @@ def fashion_mnist_source(download: bool = True) -> Path:
                 _verified_idx(path, name)
             return folder
     if not download:
-        raise DataError(
-            f"Fashion-MNIST not found in {[str(d) for d in [*_local_dirs(), _download_dir()]]}; "
-            "install the Debian "
-            "package dataset-fashion-mnist, set QJAX_DATA, or allow the download"
-        )
+        searched = ", ".join(str(d) for d in [*_local_dirs(), _download_dir()])
+        raise DataError(f"Fashion-MNIST not found in {searched}: {HOW_TO_GET}, or allow the download")
     _download(_download_dir())
     return fashion_mnist_source(download=False)
 

@@ -1,6 +1,6 @@
 """Do 8-bit optimizer states match 32-bit ones with unchanged hyperparameters? (Dettmers et al., ICLR 2022)
 
-``python -m experiments.optim8bit [--quick] [--seeds 3] [--results-dir results]``
+``python -m experiments.optim8bit [--quick] [--seeds 3] [--out results/]``
 
 Three tasks, each trained with Adam, AdamW and Lion in 32-bit (optax) and 8-bit (qjax.optim: block-wise
 dynamic-map states, blocks of 256, leaves of at least 4096 elements) with the same hyperparameters, over
@@ -15,10 +15,10 @@ several seeds (a seed sets the initialization and the batch order):
 
 Sizes are chosen so that the full run (18 trainings x 3 seeds) takes about 10-15 minutes on 2 CPU cores.
 
-Writes ``results/optim8bit.json`` (every seed's numbers and the summary), ``.md`` (the table and the parity
-verdicts) and ``.png`` (training curves, mean over seeds). Parity for a task and optimizer: the 8-bit
-mean of the final metric lies within two seed standard deviations (at least 0.5 accuracy points, or 1% of
-the loss) of the 32-bit mean. ``--quick`` runs a few steps on a subset, for CI.
+Writes ``optim8bit.json`` (every seed's numbers and the summary), ``.md`` (the table and the parity
+verdicts) and ``.png`` (training curves, mean over seeds) to ``runs/`` (``--out DIR``). Parity for a task
+and optimizer: the 8-bit mean of the final metric lies within two seed standard deviations (at least 0.5
+accuracy points, or 1% of the loss) of the 32-bit mean. ``--quick`` runs a few steps on a subset, for CI.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from flax import linen as nn
 
 import qjax.optim as qo
 from experiments import data as datasets
-from experiments.cli import add_run_options, results_dir
+from experiments.cli import add_run_options, results_dir, run
 
 OPTIMIZERS = {  # name: (32-bit factory, 8-bit factory, hyperparameters shared by both)
     "adam": (optax.adam, qo.adam8bit, {"learning_rate": 1e-3}),
@@ -400,4 +400,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

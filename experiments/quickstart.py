@@ -7,8 +7,9 @@
 The network is a plain Flax Linen MLP (three hidden Dense + BatchNorm blocks, then a Dense head); each
 method wraps the same model with :func:`qjax.linen.quantize_model` and its rules (see
 :mod:`experiments.bnn_common` for which layers get what). For every method it prints and writes
-(``results/quickstart.{json,md,png}``, or ``$QJAX_RESULTS_DIR``) the test accuracy of the QAT model, the
-accuracy of the frozen, packed model, its real size in bytes and the training time.
+(``quickstart.{json,md,png}`` in ``runs/``, or ``--out DIR``) the test accuracy of the QAT model, the
+accuracy of the frozen, packed model, its real size in bytes and the training time. Fashion-MNIST: see
+:mod:`experiments.data` (a missing copy ends the run with one line saying how to get it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 from experiments import bnn_common as bc
 from experiments import bnn_report as report
-from experiments.cli import add_run_options
+from experiments.cli import add_run_options, run
 
 DEFAULT_EPOCHS = {"digits": 30, "fashion_mnist": 3}
 
@@ -68,4 +69,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

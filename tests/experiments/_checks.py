@@ -31,12 +31,15 @@ def require_experiment_deps() -> None:
         pytest.importorskip(module, reason=f"{module} missing: pip install -e '.[experiments]'")
 
 
-def run_cli(module: str, results_dir: Path, *args: str, timeout: int = 300) -> str:
-    """``python -m module --quick --no-progress --results-dir results_dir *args`` from the repo root."""
+def run_cli(module: str, results_dir: Path, *args: str, timeout: int = 300, no_warnings: bool = False) -> str:
+    """``python -m module --quick --no-progress *args`` from the repo root, writing into ``results_dir``; its
+    stdout. ``no_warnings``: also assert that it printed no Python warning."""
     env = {**os.environ, **quick_env(), "QJAX_RESULTS_DIR": str(results_dir)}
     proc = subprocess.run([sys.executable, "-m", module, "--quick", "--no-progress", *args], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if no_warnings:
+        assert "Warning" not in proc.stderr, f"{module} printed a warning:\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
