@@ -13,6 +13,11 @@ For each model (an MLP and a small Transformer encoder LM, plain Flax Linen) and
   dynamic-range activations on the same layers' ``dot_general``; Qwix's closest equivalent);
 - ``qwix_w1a1``: not measured: Qwix has no 1-bit (sign) format, its smallest integer type is ``int2``;
 - ``qjax_w8a8`` and ``qwix_w8a8``: int8 weights and inputs, the case Qwix's integer path is built for;
+- ``qjax_{w4a8,w8a8}_original``: the same with ``residuals="original"``: the backward multiplies the
+  gradient by the unquantized weight and input, ``dx = g w^T``, ``dw = x^T g``, which is what Qwix's
+  ``QtProvider`` computes (its compiled backward reads the float kernel and input); qjax's default,
+  ``"quantized"``, is the exact gradient of the fake-quant product, ``dx = g Q(w)^T``, ``dw = Q(x)^T g``,
+  and keeps the fake-quant values for it. These rows compare like with like;
 - ``qjax_{w4a8,w8a8}_{int8,float}``: the same with qjax's fused QAT product forced
   (``quantize_model(..., product=...)``); the plain ``qjax_*`` rows use ``product="auto"``, which picks the
   int8 product on CPUs with int8 dot instructions (AVX-512 VNNI, AVX-VNNI, AMX) and the float one elsewhere
@@ -158,19 +163,29 @@ W1A1_RULES = [Rule(FIRST_AND_LAST, types=DENSE_TYPES,
 
 _W4A8 = "int4 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every Dense/DenseGeneral"
 _W8A8 = "int8 PerChannel(-1) absmax weights, int8 PerToken(-1) absmax inputs, every Dense/DenseGeneral"
-QJAX_METHODS = {  # name: (rules, description, QAT product)
-    "qjax_w4a8": (W4A8_RULES, _W4A8 + ', product="auto"', "auto"),
+_ORIGINAL = (', product="auto", residuals="original": the backward takes the unquantized operands, as '
+             "Qwix's QtProvider does")
+QJAX_METHODS = {  # name: (rules, description, QAT product, backward residuals)
+    "qjax_w4a8": (W4A8_RULES, _W4A8 + ', product="auto"', "auto", "quantized"),
     "qjax_w1a1": (W1A1_RULES, "binary mean_abs PerChannel(-1) weights and PerToken(-1) inputs, clipped_ste, "
-                              "every Dense/DenseGeneral but the first and the last layer (float)", "auto"),
-    "qjax_w8a8": (W8A8_RULES, _W8A8 + ', product="auto"', "auto"),
-    "qjax_w4a8_int8": (W4A8_RULES, _W4A8 + ", int8 x int8 -> int32 product forced", "int8"),
-    "qjax_w4a8_float": (W4A8_RULES, _W4A8 + ", float product forced", "float"),
-    "qjax_w8a8_int8": (W8A8_RULES, _W8A8 + ", int8 x int8 -> int32 product forced", "int8"),
-    "qjax_w8a8_float": (W8A8_RULES, _W8A8 + ", float product forced", "float"),
+                              "every Dense/DenseGeneral but the first and the last layer (float)", "auto",
+                  "quantized"),
+    "qjax_w8a8": (W8A8_RULES, _W8A8 + ', product="auto"', "auto", "quantized"),
+    "qjax_w4a8_original": (W4A8_RULES, _W4A8 + _ORIGINAL, "auto", "original"),
+    "qjax_w8a8_original": (W8A8_RULES, _W8A8 + _ORIGINAL, "auto", "original"),
+    "qjax_w4a8_int8": (W4A8_RULES, _W4A8 + ", int8 x int8 -> int32 product forced", "int8", "quantized"),
+    "qjax_w4a8_float": (W4A8_RULES, _W4A8 + ", float product forced", "float", "quantized"),
+    "qjax_w8a8_int8": (W8A8_RULES, _W8A8 + ", int8 x int8 -> int32 product forced", "int8", "quantized"),
+    "qjax_w8a8_float": (W8A8_RULES, _W8A8 + ", float product forced", "float", "quantized"),
+    "qjax_w8a8_int8_original": (W8A8_RULES, _W8A8 + ", int8 product forced" + _ORIGINAL[16:], "int8",
+                                "original"),
 }
-# The comparison asked for, then qjax's two products forced, so either machine shows both.
+# The comparison asked for; the same with Qwix's backward (its gradient ignores the rounding); then qjax's
+# two products forced, so either machine shows both.
 METHODS = ("fp32", "qjax_w4a8", "qjax_w1a1", "qwix_w4a8", "qwix_w1a1", "qjax_w8a8", "qwix_w8a8",
-           "qjax_w4a8_int8", "qjax_w4a8_float", "qjax_w8a8_int8", "qjax_w8a8_float")
+           "qjax_w4a8_original", "qjax_w8a8_original",
+           "qjax_w4a8_int8", "qjax_w4a8_float", "qjax_w8a8_int8", "qjax_w8a8_float",
+           "qjax_w8a8_int8_original")
 
 
 @dataclasses.dataclass
@@ -207,8 +222,8 @@ def _qwix_method(qwix, model: nn.Module, name: str, weight_qtype, act_qtype) -> 
 def methods(model: nn.Module, names: set[str] | None = None) -> list[Method]:
     """The methods compared on ``model`` (all of :data:`METHODS`, or those in ``names``)."""
     out = [Method("fp32", model.init, model.apply, "unmodified Flax Linen model")]
-    for name, (rules, config, product) in QJAX_METHODS.items():
-        qmodel = qlinen.quantize_model(model, rules, product=product)
+    for name, (rules, config, product, residuals) in QJAX_METHODS.items():
+        qmodel = qlinen.quantize_model(model, rules, product=product, residuals=residuals)
         out.append(Method(name, qmodel.init, qmodel.apply, config, qmodel=qmodel, product=product))
     qwix, why = qwix_status()
     if qwix is None:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from qjax import qat
-from qjax.int_matmul import integer_eligible, qat_matmul
+from qjax.int_matmul import RESIDUALS, integer_eligible, qat_matmul
 from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, quantize
@@ -56,10 +56,14 @@ class Settings:
         :func:`int8_product_is_faster`; else float), ``"int8"`` or ``"float"``.
       backend: the packed-matmul backend for frozen weights (:func:`kernels_pallas.packed_matmul`):
         ``"auto"``, ``"xla"``, ``"pallas"`` or ``"interpret"``.
+      residuals: the operands of the fused QAT matmul's backward products (:func:`qjax.qat_matmul`):
+        ``"quantized"`` (the exact gradient of the fake-quant product) or ``"original"`` (the unquantized
+        operands, as Qwix's ``QtProvider``); the other paths always take the exact gradient.
     """
 
     product: str = "auto"
     backend: str = "auto"
+    residuals: str = "quantized"
 
     def __post_init__(self):
         from kernels_pallas import BACKENDS
@@ -68,6 +72,8 @@ class Settings:
             raise ValueError(f"unknown QAT product {self.product!r}; allowed: {', '.join(PRODUCTS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.residuals not in RESIDUALS:
+            raise ValueError(f"unknown QAT residuals {self.residuals!r}; allowed: {', '.join(RESIDUALS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +263,7 @@ class Call:
             return frozen_matmul(x, weight.frozen, self.settings.backend).astype(dtype)
         product = "int8" if path == INT8 else "float"
         y = qat_matmul(x, weight.raw, rule.weight, rule.input, self.input_scale, weight.scale, self.hparams,
-                       contract, product)
+                       contract, product, self.settings.residuals)
         return y.astype(dtype)
 
 

@@ -36,8 +36,11 @@ from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, fake_quant, quantize
 from qjax.scales import COMPUTED_RULES, compute_scale
+from qjax.surrogates import grid_value
 
 INT_KINDS = ("int", "binary", "ternary")
+RESIDUALS = ("quantized", "original")
+"""The backward products' operands (:func:`qat_matmul`): the fake-quant values, or the unquantized ones."""
 
 
 def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict,
@@ -82,8 +85,8 @@ def _identity_backward(q: Quantizer) -> bool:
 
 def _float_fake_quant(q: Quantizer, x: jax.Array) -> jax.Array:
     """``fake_quant(q, x)`` of an identity-VJP quantizer (:func:`_identity_backward`) for the float product:
-    ``clip(round(x / s), lo, hi) * s``, the same bits as ``fake_quant`` wherever ``x``'s group is free of
-    NaN. A NaN element stays NaN by itself instead of marking its whole group through the scale (one
+    the same grid rounding (:func:`qjax.surrogates.grid_value`), so the same bits wherever ``x``'s group is
+    free of NaN. A NaN element stays NaN by itself instead of marking its whole group through the scale (one
     reduction fewer per operand; Inf still marks its group), so the product's outputs are NaN exactly
     where the group-marked product's are: a NaN term reaches every output its group's values feed.
     """
@@ -91,21 +94,25 @@ def _float_fake_quant(q: Quantizer, x: jax.Array) -> jax.Array:
     xb = gran.to_blocks(x)
     s, _ = compute_scale(q.scale, q.fmt, jax.lax.stop_gradient(xb), gran.reduce_axes(xb.ndim), q.eps,
                          mark_nan=False)
-    value = jnp.clip(jnp.round(xb.astype(jnp.float32) / s), q.fmt.lo, q.fmt.hi) * s
-    return gran.from_blocks(value.astype(x.dtype), x.shape)
+    value = grid_value(q.fmt, xb, s)[0]
+    return gran.from_blocks(jnp.where(jnp.isnan(xb), xb, value), x.shape)
 
 
-def _residual(q: Quantizer, v, qa, value, scale, hparams):
-    """What the backward keeps of one operand: with the identity VJP its fake-quant ``value`` when the
-    product computed it (float product), else its codes; otherwise the fake-quant VJP."""
+def _residual(q: Quantizer, v, qa, value, scale, hparams, residuals: str):
+    """What the backward keeps of one operand: the operand its product takes (``residuals="original"``: ``v``
+    itself; else, with the identity VJP, its fake-quant ``value`` when the product computed it (float
+    product) or its codes) and, unless the VJP is the identity, the fake-quant VJP."""
     if not _identity_backward(q):
-        return _fake_quant_vjp(q, v, scale, hparams)
+        value_q, vjp = _fake_quant_vjp(q, v, scale, hparams)
+        return (v if residuals == "original" else value_q), vjp
+    if residuals == "original":
+        return v
     return qa if value is None else value
 
 
 def _value_and_vjp(res):
-    """The fake-quant value and its VJP function from :func:`_residual` (``dequantize(quantize(x))`` is
-    ``fake_quant(x)`` bit for bit, in ``x``'s dtype)."""
+    """The backward product's operand and the fake-quant VJP function from :func:`_residual`
+    (``dequantize(quantize(x))`` is ``fake_quant(x)`` bit for bit, in ``x``'s dtype)."""
     if isinstance(res, QArray | jax.Array):  # identity VJP
         return (dequantize(res) if isinstance(res, QArray) else res), lambda g: (g, None)
     return res
@@ -113,7 +120,8 @@ def _value_and_vjp(res):
 
 def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
                x_scale: jax.Array | None = None, w_scale: jax.Array | None = None,
-               hparams: dict | None = None, contract: int = 1, product: str = "auto") -> jax.Array:
+               hparams: dict | None = None, contract: int = 1, product: str = "auto",
+               residuals: str = "quantized") -> jax.Array:
     """``y = fake_quant(inputs, x) . fake_quant(weight, w)`` contracted over ``contract`` axes, as one op.
 
     ``y[m, n] = s_x[m] s_w[n] sum_k c_x[m, k] c_w[k, n]`` (integer codes ``c``, scales ``s``), computed with
@@ -124,6 +132,13 @@ def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
     (surrogates included): Jacob et al., "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", CVPR 2018, for the integer form. See the module docstring.
 
+    ``residuals`` picks the operands of the backward's two products (:data:`RESIDUALS`). ``"quantized"``
+    (default): the exact gradient of the fake-quant product, ``dx = r_x'(g . Q(w)^T)``,
+    ``dw = r_w'(Q(x)^T . g)``, with ``r'`` each quantizer's surrogate VJP (the identity for the plain STE).
+    ``"original"``: the unquantized operands, ``dx = r_x'(g . w^T)``, ``dw = r_w'(x^T . g)``, what Qwix's
+    ``QtProvider`` computes: no fake-quant value is kept for the backward, so the forward may fuse the
+    rounding into the product, at the price of a gradient that ignores the rounding of the other operand.
+
     Raises here (shapes and quantizers are static, so also under ``jit``): quantizers that are not
     :class:`~qjax.Quantizer` (``TypeError``), a pair that :func:`integer_eligible` refuses (an integer sum
     of nf4 indices or per-group scales would be wrong), ``contract`` outside ``1 .. w.ndim - 1``, or ``x``
@@ -131,6 +146,8 @@ def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
     """
     if product not in PRODUCTS:
         raise ValueError(f"qat_matmul: unknown product {product!r}; allowed: {', '.join(PRODUCTS)}")
+    if residuals not in RESIDUALS:
+        raise ValueError(f"qat_matmul: unknown residuals {residuals!r}; allowed: {', '.join(RESIDUALS)}")
     for name, q in (("weight", weight), ("inputs", inputs)):
         if not isinstance(q, Quantizer):
             raise TypeError(f"qat_matmul: {name} is a {type(q).__name__}; allowed: a Quantizer")
@@ -150,7 +167,7 @@ def qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
                          "(see integer_eligible)")
     product = resolve_product(product)
     return _qat_matmul(x, w, x_scale, w_scale, dict(hparams or {}), weight, inputs, contract,
-                       product == "int8")
+                       product == "int8", residuals)
 
 
 def int8_qat_matmul(x: jax.Array, w: jax.Array, weight: Quantizer, inputs: Quantizer,
@@ -176,12 +193,12 @@ def _int8_product(qx, qw, x_shape, w_shape, contract):
     return (acc.astype(jnp.float32) * sx * sw).reshape(*lead, *w_shape[contract:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _qat_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer):
-    return _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _qat_matmul(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer, residuals):
+    return _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer, residuals)[0]
 
 
-def _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer):
+def _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer, residuals):
     qx = _quantize_operand(inputs, x, x_scale, hparams, integer)
     qw = _quantize_operand(weight, w, w_scale, hparams, integer)
     if integer:
@@ -191,8 +208,8 @@ def _qat_fwd(x, w, x_scale, w_scale, hparams, weight, inputs, contract, integer)
         xq, wq = (q if isinstance(q, jax.Array) else dequantize(q) for q in (qx, qw))
         y = _float_product(xq, wq, contract)
     # The backward needs the fake-quant values and the surrogate VJPs; take them once, here.
-    x_res = _residual(inputs, x, qx, xq, x_scale, hparams)
-    w_res = _residual(weight, w, qw, wq, w_scale, hparams)
+    x_res = _residual(inputs, x, qx, xq, x_scale, hparams, residuals)
+    w_res = _residual(weight, w, qw, wq, w_scale, hparams, residuals)
     return y, (x_res, w_res, hparams)
 
 
@@ -204,7 +221,7 @@ def _quantize_operand(q: Quantizer, v, scale, hparams, integer: bool):
     return _float_fake_quant(q, v)
 
 
-def _qat_bwd(weight, inputs, contract, integer, res, g):
+def _qat_bwd(weight, inputs, contract, integer, residuals, res, g):
     x_res, w_res, hparams = res
     xq, x_vjp = _value_and_vjp(x_res)
     wq, w_vjp = _value_and_vjp(w_res)

@@ -157,13 +157,13 @@ class QuantizedModel:
     """A Linen model with quantization rules applied at ``init``/``apply`` time (module docstring)."""
 
     def __init__(self, model: nn.Module, rules, *, product: str = "auto", backend: str = "auto",
-                 warn_unused: bool = True):
+                 residuals: str = "quantized", warn_unused: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"qjax.linen.quantize_model expects a flax.linen Module, got "
                             f"{type(model).__name__} (an nnx.Module: use qjax.nnx.quantize_model)")
         self.model = model
         self.rules = check_rules(rules)
-        self.settings = Settings(product, backend)
+        self.settings = Settings(product, backend, residuals)
         self.warn_unused = warn_unused
         self._tables: dict[Any, dict[str, ModuleEntry]] = {}
 
@@ -379,15 +379,18 @@ def freeze(qmodel: QuantizedModel, variables: dict, *args, hparams: dict | None 
 
 
 def quantize_model(model: nn.Module, rules, *, product: str = "auto", backend: str = "auto",
-                   warn_unused: bool = True) -> QuantizedModel:
+                   residuals: str = "quantized", warn_unused: bool = True) -> QuantizedModel:
     """Wrap a Linen model so that ``init``/``apply`` quantize it by ``rules`` (module docstring).
 
     ``product``: the fused QAT matmul's product (``"auto"``, ``"int8"``, ``"float"``); ``backend``: the
-    packed-matmul backend of frozen weights (``"auto"``, ``"xla"``, ``"pallas"``, ``"interpret"``). Both are
-    static: a jitted ``qmodel.apply`` runs the program they choose (:class:`qjax.core.Settings`).
+    packed-matmul backend of frozen weights (``"auto"``, ``"xla"``, ``"pallas"``, ``"interpret"``);
+    ``residuals``: the fused op's backward operands (``"quantized"``: the exact fake-quant gradient;
+    ``"original"``: the unquantized operands, as Qwix). All are static: a jitted ``qmodel.apply`` runs the
+    program they choose (:class:`qjax.core.Settings`).
     Rules with a quantizer of which none matches a module are a ``ValueError`` (listing the modules qjax
     can quantize) at the first ``init``/``apply``; a rule matching nothing while others match is a warning.
     ``warn_unused=False`` (rules that may match nothing, e.g. a float baseline) turns off both.
     """
-    return QuantizedModel(model, rules, product=product, backend=backend, warn_unused=warn_unused)
+    return QuantizedModel(model, rules, product=product, backend=backend, residuals=residuals,
+                          warn_unused=warn_unused)
 

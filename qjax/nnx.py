@@ -314,11 +314,13 @@ def _configs(model: nnx.Module) -> dict[str, _Config]:
 # --- the transform ------------------------------------------------------------------------------------
 
 def quantize_model(model: nnx.Module, rules, *args, hparams: dict | None = None, product: str = "auto",
-                   backend: str = "auto", warn_unused: bool = True, **kwargs) -> Hyperparams:
+                   backend: str = "auto", residuals: str = "quantized", warn_unused: bool = True,
+                   **kwargs) -> Hyperparams:
     """Quantize ``model`` in place by ``rules``; ``args``/``kwargs`` are example inputs of its call.
 
     Returns the shared :class:`Hyperparams` (declare each per-step hyperparameter you will change, e.g.
-    ``hparams={"o": 1.0}``). ``product`` and ``backend`` are static settings (:class:`qjax.core.Settings`).
+    ``hparams={"o": 1.0}``). ``product``, ``backend`` and ``residuals`` are static settings
+    (:class:`qjax.core.Settings`).
     Raises ``ValueError`` before changing anything for a model already quantized, a rule naming a module
     qjax cannot quantize, rules with a quantizer of which none matches a module (the message lists the
     modules qjax can quantize; ``warn_unused=False`` allows it, and silences the warning about a rule
@@ -330,7 +332,7 @@ def quantize_model(model: nnx.Module, rules, *args, hparams: dict | None = None,
     if _configs(model):
         raise ValueError("the model is already quantized; call qjax.nnx.unquantize_model first")
     rules = check_rules(rules)
-    settings = Settings(product, backend)
+    settings = Settings(product, backend, residuals)
     shared = Hyperparams(**(hparams or {}))
     _need_example(args, kwargs, "quantize_model")
     entries = _entries(model, args, kwargs)

@@ -336,7 +336,10 @@ def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
 
 
-def _grid_value(grid, x, scale, zero_point):
+def grid_value(grid, x: Array, scale: Array, zero_point: Array | None = None) -> tuple[Array, Array, Array]:
+    """The grid rounding every integer and table fake-quant forward uses: ``(v, u, codes)`` with
+    ``u = x / s + z`` (:func:`qjax.scales.grid_units`), ``codes = encode(u)`` and
+    ``v = (decode(codes) - z) * s`` in ``x``'s dtype (saturated at its largest finite value)."""
     u = grid_units(x, scale)
     if zero_point is not None:
         u = u + zero_point
@@ -359,11 +362,11 @@ def grid_ste(x: Array, scale: Array, zero_point: Array | None, grad_scale: Array
 
     ``grid`` is any object with ``encode``, ``dequant`` and ``lo``/``hi`` (a :class:`qjax.formats.Format`).
     """
-    return _grid_value(grid, x, scale, zero_point)[0]
+    return grid_value(grid, x, scale, zero_point)[0]
 
 
 def _grid_ste_fwd(x, scale, zero_point, grad_scale, grid, clipped):
-    value, u, codes = _grid_value(grid, x, scale, zero_point)
+    value, u, codes = grid_value(grid, x, scale, zero_point)
     return value, (x, scale, zero_point, grad_scale, u, codes)
 
 

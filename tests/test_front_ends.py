@@ -5,6 +5,7 @@ their names; the QAT product and the kernel backend are static settings that cha
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from qjax import PerChannel, PerToken, QArray, Quantizer, Rule, dequantize, fake_quant
@@ -152,8 +153,9 @@ def test_the_product_is_a_static_setting_that_changes_the_program():
         qn.quantize_model(model, rules, X, product=product)
         graphdef, state = nnx.split(model)
         texts["nnx", product] = hlo(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, X)
+    int8_dot = lambda text: any("dot_general" in line and "xi8>" in line for line in text.splitlines())
     for front in ("linen", "nnx"):
-        assert "xi8>" in texts[front, "int8"] and "xi8>" not in texts[front, "float"]
+        assert int8_dot(texts[front, "int8"]) and not int8_dot(texts[front, "float"])
     # nnx.jit: one jitted function, two settings -> two traces, two programs
     traces = []
     run = nnx.jit(lambda m, x: traces.append(1) or m(x))
@@ -163,6 +165,26 @@ def test_the_product_is_a_static_setting_that_changes_the_program():
         run(model, X)
         qn.unquantize_model(model)
     assert len(traces) == 2
+
+
+def test_the_backward_residuals_are_a_static_setting_of_both_front_ends():
+    # residuals="original" (Qwix's backward: the unquantized operands) against the exact fake-quant
+    # gradient: the same forward, other weight gradients, in Linen and NNX alike.
+    rules = [Rule(".*", weight=W4, input=A8)]
+    grads = {}
+    for residuals in ("quantized", "original"):
+        qmodel = ql.quantize_model(LinenMLP(), rules, residuals=residuals)
+        variables = qmodel.init(jax.random.key(0), X)
+        loss = lambda p, q=qmodel: (q.apply({"params": p}, X) ** 2).sum()
+        grads["linen", residuals] = jax.jit(jax.grad(loss))(variables["params"])
+        model = NnxMLP(nnx.Rngs(0))
+        qn.quantize_model(model, rules, X, residuals=residuals)
+        grads["nnx", residuals] = nnx.grad(lambda m: (m(X) ** 2).sum())(model)
+    for front in ("linen", "nnx"):
+        a, b = (jax.tree.leaves(grads[front, r]) for r in ("quantized", "original"))
+        assert any(float(abs(x - y).max()) > 1e-4 for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match=r"residuals 'int8'.*allowed: quantized, original"):
+        ql.quantize_model(LinenMLP(), rules, residuals="int8")
 
 
 def test_linen_scan_stack_scales_per_layer_and_frozen_equals_qat():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import PerChannel, PerGroup, PerTensor, PerToken, Quantizer
+from qjax import PerChannel, PerGroup, PerTensor, PerToken, Quantizer, fake_quant
 from qjax.int_matmul import (
     _fake_quant_matmul,
     int8_qat_matmul,
@@ -14,6 +14,7 @@ from qjax.int_matmul import (
     qat_matmul,
 )
 from qjax.machine import int8_product_is_faster, resolve_product
+from qjax.qat import surrogate_kwargs
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 64))
 W = jax.random.normal(jax.random.key(1), (64, 4, 6)) * 0.1
@@ -135,3 +136,40 @@ def test_non_finite_operands_give_the_reference_nan_outputs(product, where):
     finite = ~jnp.isnan(ref)
     scale = float(jnp.max(jnp.abs(ref[finite])))
     np.testing.assert_allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("product", ["int8", "float"])
+@pytest.mark.parametrize("weight,inputs", ELIGIBLE[:1] + ELIGIBLE[3:], ids=lambda q: f"{q.format}")
+def test_original_residuals_take_the_unquantized_operands(weight, inputs, product):
+    # residuals="original": dx = r_x'(g . w^T), dw = r_w'(x^T . g), r' each quantizer's surrogate VJP (the
+    # identity for the STE); the forward is the same fake-quant product.
+    hp = {"o": 2.0}
+    run = lambda r: (lambda x, w: qat_matmul(x, w, weight, inputs, hparams=hp, product=product, residuals=r))
+    np.testing.assert_array_equal(jax.jit(run("original"))(X, W), jax.jit(run("quantized"))(X, W))
+    g = jax.random.normal(jax.random.key(5), (2, 5, 4, 6))
+    got = jax.vjp(run("original"), X, W)[1](g)
+    fx = lambda v: fake_quant(inputs, v, **surrogate_kwargs(inputs, hp))
+    fw = lambda v: fake_quant(weight, v, **surrogate_kwargs(weight, hp))
+    gx = jnp.tensordot(g, W, ((2, 3), (1, 2)))
+    gw = jnp.tensordot(X, g, ((0, 1), (0, 1)))
+    want = (jax.vjp(fx, X)[1](gx)[0], jax.vjp(fw, W)[1](gw)[0])
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    exact = jax.vjp(run("quantized"), X, W)[1](g)
+    assert float(jnp.max(jnp.abs(exact[1] - got[1]))) > 1e-3 * float(jnp.max(jnp.abs(got[1])))
+
+
+def test_bad_residuals_name_the_value():
+    with pytest.raises(ValueError, match=r"residuals 'float'.*allowed: quantized, original"):
+        qat_matmul(X, W, *ELIGIBLE[0], residuals="float")
+
+
+@pytest.mark.parametrize("weight,inputs", ELIGIBLE[:4], ids=lambda q: f"{q.format}")
+def test_float_products_operands_are_fake_quant_bit_for_bit_up_to_huge_scales(weight, inputs):
+    from qjax.int_matmul import _float_fake_quant
+
+    for q, v in ((weight, W), (inputs, X)):
+        for factor in (1.0, 3e37 / float(jnp.max(jnp.abs(v)))):  # scales past 2^100 (grid_units)
+            got = jax.jit(_float_fake_quant, static_argnums=0)(q, v * factor)
+            np.testing.assert_array_equal(got, jax.jit(fake_quant, static_argnums=0)(q, v * factor))
+            assert float(jnp.max(jnp.abs(got))) > 0
