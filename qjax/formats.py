@@ -23,6 +23,18 @@ name                   values (grid units)                                      
 
 Float formats round to nearest even and saturate at their largest finite value; table formats
 (``nf4``, dynamic maps) round to the nearest table value, comparing both neighbours.
+
+Block formats (microscaling): an element format above plus ``PerGroup(axis, block)`` plus a block scale
+rule (:mod:`qjax.scales`), built by :mod:`qjax.presets` along the contraction axis; real bits per element
+once packed, scales included:
+
+========================  ========  =====  ========================================================  ====
+preset                    elements  block  scale, as stored                                          bits
+========================  ========  =====  ========================================================  ====
+``mxfp8(axis)`` (OCP MX)  fp8_e4m3  32     ``e8m0``: ``2^(floor(log2 amax) - 8)``, a uint8 exponent  8.25
+``mxfp4(axis)`` (OCP MX)  fp4_e2m1  32     ``e8m0``: ``2^(floor(log2 amax) - 2)``, a uint8 exponent  4.25
+``nvfp4(axis)`` (NVIDIA)  fp4_e2m1  16     ``nvfp4``: float8_e4m3fn per block, float32 per tensor    4.5
+========================  ========  =====  ========================================================  ====
 """
 
 from __future__ import annotations
@@ -236,6 +248,8 @@ class Format:
       bits: bits per element in packed storage.
       lo, hi: the smallest and largest representable value (the clipping range of ``encode``).
       max_abs: the value an absmax scale maps the largest input magnitude to.
+      edge: the value an ``absmax_edge`` scale maps it to: ``hi + 1/2`` for signed integers (the outer edge
+        of the top code's bucket), else ``max_abs``.
       table: the sorted values of a table format, else ``None``.
     """
 
@@ -250,6 +264,10 @@ class Format:
     @property
     def signed(self) -> bool:
         return self.lo < 0
+
+    @property
+    def edge(self) -> float:
+        return self.hi + 0.5 if self.kind == "int" and self.signed else self.max_abs
 
     @property
     def is_integer(self) -> bool:

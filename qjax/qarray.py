@@ -1,18 +1,23 @@
 """QArray: a quantized array as a pytree of codes and scales (+ zero point) with static metadata.
 
-Leaves: ``codes`` (the format's code dtype, or uint32 words once packed), ``scale`` (float32, in the block
-view of the granularity, see :mod:`qjax.granularity`) and ``zero_point`` (float32 or ``None``). Static aux
-data: the format name, the resolved granularity (negative axes), the float dtype to dequantize to, the
-number of binary bases, and the packing ``(axis, size, bits)`` or ``None``. Being a registered dataclass,
-a QArray passes through ``jit``, ``vmap``, ``tree_map``, sharding and Orbax like any pytree.
+Leaves: ``codes`` (the format's code dtype, or uint32 words once packed), ``scale`` (in the block view of
+the granularity, see :mod:`qjax.granularity`; float32, or as a block scale rule stores it: uint8 E8M0
+exponents for ``e8m0``, float8_e4m3fn for ``nvfp4``), ``zero_point`` (float32 or ``None``) and
+``tensor_scale`` (``nvfp4``'s float32 scale per tensor, with every block-view axis of size 1; else
+``None``). Static aux data: the format name, the resolved granularity (negative axes), the float dtype to
+dequantize to, the number of binary bases, and the packing ``(axis, size, bits)`` or ``None``. Being a
+registered dataclass, a QArray passes through ``jit``, ``vmap``, ``tree_map``, sharding and Orbax like any
+pytree.
 
-Value: ``x ~ dequantize(q) = from_blocks((decode(codes) - zero_point) * scale)``; with ``bases = k > 1``
+Value: ``x ~ dequantize(q) = from_blocks((decode(codes) - zero_point) * s)`` with the float32 scale
+``s = scale_value(scale, tensor_scale)`` (:func:`qjax.scales.scale_value`); with ``bases = k > 1``
 (multi-basis binary) codes and scales carry a leading axis of ``k`` and the value is their sum over it.
 
 Construction checks what it is given: the format, granularity, dtype, bases and packing; the codes' dtype
 (the format's code dtype, uint32 words once packed, with as many words as the packing says); the scales'
 and zero points' shape (the block view of the granularity with its reduced axes of size 1; leading axes may
-be full size, as in a QArray stacked by ``vmap``) and float dtype. Leaves that are not arrays (shardings,
+be full size, as in a QArray stacked by ``vmap``) and dtype (float; a scale also uint8), and the tensor
+scale's (every block-view axis of size 1, float). Leaves that are not arrays (shardings,
 ``None``) are not checked. When the codes are concrete (not traced) their values are checked too: an
 integer code inside the format's range (binary: +-1), a table index inside the table. Under ``jit`` the
 values cannot be checked: an out-of-range integer code dequantizes to its own value times the scale, an
@@ -34,6 +39,7 @@ import numpy as np
 from qjax import packing
 from qjax.formats import Format, get_format
 from qjax.granularity import Granularity, PerBlock, PerGroup
+from qjax.scales import scale_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,7 @@ class QArray:
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
     bases: int = dataclasses.field(default=1, metadata=dict(static=True))
     packing: tuple[int, int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tensor_scale: jax.Array | None = None
 
     def __post_init__(self):
         _check(self)
@@ -65,7 +72,7 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Real bytes of the leaves (codes + scales + zero points)."""
+        """Real bytes of the leaves (codes + scales + zero points + tensor scale)."""
         return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
 
     def dequantize(self) -> jax.Array:
@@ -78,7 +85,7 @@ class QArray:
         return unpack(self)
 
 
-_LEAVES = ("codes", "scale", "zero_point")
+_LEAVES = ("codes", "scale", "zero_point", "tensor_scale")
 _STATIC = ("format", "granularity", "dtype", "bases", "packing")
 
 
@@ -144,8 +151,11 @@ def _check(q: QArray) -> None:
         shape = _packed_shape(q, fmt, shape, codes[1])
     object.__setattr__(q, "granularity", q.granularity.resolve(shape))
     blocks = _block_shape(q.granularity, shape)
+    reduce = set(q.granularity.reduce_axes(len(blocks)))
     for name in ("scale", "zero_point"):
-        _check_scale(name, _spec(getattr(q, name)), lead, blocks, q.granularity, shape)
+        _check_scale(name, _spec(getattr(q, name)), lead, blocks, reduce, q.granularity, shape)
+    _check_scale("tensor_scale", _spec(q.tensor_scale), lead, blocks, set(range(len(blocks))),
+                 q.granularity, shape)
     if q.packing is None and isinstance(q.codes, np.ndarray | jax.Array) and not isinstance(
             q.codes, jax.core.Tracer):
         _check_code_values(fmt, q.codes)
@@ -178,15 +188,17 @@ def _block_shape(gran: Granularity, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _check_scale(name: str, spec, lead: tuple[int, ...], blocks: tuple[int, ...], gran: Granularity,
-                 shape: tuple[int, ...]) -> None:
-    """A scale (or zero point) has the block view's shape with the reduced axes of size 1; a reduced axis
-    may be full size only in a run of leading full axes (a stack of QArrays made by ``vmap``)."""
+def _check_scale(name: str, spec, lead: tuple[int, ...], blocks: tuple[int, ...], reduce: set[int],
+                 gran: Granularity, shape: tuple[int, ...]) -> None:
+    """A scale (zero point, tensor scale) has the block view's shape with the ``reduce`` axes of size 1; a
+    reduced axis may be full size only in a run of leading full axes (a stack of QArrays made by ``vmap``).
+    A scale may also be uint8 (E8M0 exponents, :func:`qjax.scales.scale_value`)."""
     if spec is None:
         return
-    if not jnp.issubdtype(spec[1], jnp.floating):
-        raise ValueError(f"QArray: {name} of dtype {spec[1]}; allowed: a float dtype (float32)")
-    reduce = set(gran.reduce_axes(len(blocks)))
+    if not jnp.issubdtype(spec[1], jnp.floating) and not (name == "scale" and spec[1] == jnp.uint8):
+        allowed = "a float dtype (float32), or uint8 (E8M0 exponents)" if name == "scale" else \
+            "a float dtype (float32)"
+        raise ValueError(f"QArray: {name} of dtype {spec[1]}; allowed: {allowed}")
     expected = (*lead, *(1 if i in reduce else n for i, n in enumerate(blocks)))
     fits, stacked = len(spec[0]) == len(expected), True
     for i, (s, n) in enumerate(zip(spec[0][len(lead):], blocks, strict=False)):
@@ -226,14 +238,16 @@ def dequantize_blocks(fmt: Format, codes_b: jax.Array, scale: jax.Array,
 
 
 def dequantize(q: QArray) -> jax.Array:
-    """``(decode(codes) - zero_point) * scale`` (summed over bases), reshaped to ``q.shape``, ``q.dtype``."""
+    """``(decode(codes) - zero_point) * s`` (summed over bases), reshaped to ``q.shape``, ``q.dtype``; ``s``
+    is :func:`qjax.scales.scale_value` of the stored ``scale`` and ``tensor_scale``."""
     if not isinstance(q, QArray):
         raise ValueError(f"dequantize expects a QArray, got {type(q).__name__}")
     q = unpack(q)
     shape = q.shape
     to_blocks = q.granularity.to_blocks
     codes_b = jax.vmap(to_blocks)(q.codes) if q.bases > 1 else to_blocks(q.codes)
-    value = dequantize_blocks(q.fmt, codes_b, q.scale, q.zero_point, q.bases, q.dtype)
+    scale = scale_value(q.scale, q.tensor_scale)
+    value = dequantize_blocks(q.fmt, codes_b, scale, q.zero_point, q.bases, q.dtype)
     return q.granularity.from_blocks(value, shape).astype(q.dtype)
 
 

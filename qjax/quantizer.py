@@ -26,7 +26,7 @@ by its magnitude ``|s|`` (a step pushed through zero by the optimizer keeps work
 be finite and at least the smallest normal float32, the floor of every computed scale (a subnormal one acts
 as 0 where the machine flushes subnormals); NaN marks a poisoned group. Concrete scales are checked; a
 traced one (and a learned ``|s|``) is floored at that value, and an infinite or negative traced one makes
-its group's values NaN.
+its group's values NaN. The MX block rules (``e8m0``, ``nvfp4``) compute their scales too, detached.
 Surrogate hyperparameters (``o``, ``t``, ``omega``, ``beta``) are keyword arguments and may be traced.
 """
 
@@ -47,11 +47,15 @@ from qjax.scales import (
     COMPUTED_RULES,
     HUGE,
     INIT_RULES,
+    MX_FORMATS,
+    MX_RULES,
     SCALE_RULES,
     TINY,
     compute_scale,
     grid_units,
     mark_nonfinite,
+    mx_scale,
+    scale_value,
 )
 
 _GRANULARITIES = (PerTensor, PerChannel, PerToken, PerGroup, PerBlock)
@@ -67,8 +71,13 @@ class Quantizer:
       format: a name from :data:`qjax.formats.FORMAT_NAMES` (``"int4"``, ``"binary"``, ``"nf4"``, ...).
       granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerToken(axis)``, ``PerGroup(axis, size)``
         or ``PerBlock(size)``.
-      scale: ``"absmax"``, ``"mean_abs"``, ``"median"``, ``"minmax"`` (integer formats, with a zero point),
-        ``"given"`` or ``"learned"`` (passed to the call as ``scale=``).
+      scale: ``"absmax"``, ``"absmax_edge"`` (GPTQ's and Qwix's symmetric grid, :mod:`qjax.scales`),
+        ``"mean_abs"``, ``"median"``, ``"minmax"`` (integer formats, with a zero point),
+        ``"e8m0"`` (OCP MX: a power of two per block, stored as a uint8 exponent; float formats),
+        ``"nvfp4"`` (NVIDIA NVFP4: an E4M3 scale per block and a float32 one per tensor; ``fp4_e2m1``),
+        ``"given"`` or ``"learned"`` (passed to the call as ``scale=``). See :mod:`qjax.scales`; the MX
+        block formats are built by :func:`qjax.presets.mxfp8`, :func:`~qjax.presets.mxfp4` and
+        :func:`~qjax.presets.nvfp4`.
       surrogate: the backward rule, a name in :data:`qjax.surrogates.SURROGATES`: for ``binary`` any of
         them, for other formats (and multi-basis binary) those with ``grid=True`` (``"ste"``,
         ``"clipped_ste"``). Its record is :attr:`surrogate_spec`.
@@ -99,6 +108,9 @@ class Quantizer:
         if self.scale == "minmax" and fmt.kind != "int":
             raise ValueError(f"scale rule 'minmax' needs an integer format, got {fmt.name!r}; "
                              "allowed: int2..int8, uint2..uint8")
+        if self.scale in MX_RULES and fmt.name not in MX_FORMATS[self.scale]:
+            raise ValueError(f"scale rule {self.scale!r} needs a float element format, got {fmt.name!r}; "
+                             f"allowed: {', '.join(MX_FORMATS[self.scale])}")
         if not isinstance(self.bases, int) or isinstance(self.bases, bool) or self.bases < 1:
             raise ValueError(f"bases={self.bases!r} must be a positive integer")
         if self.bases > 1 and fmt.kind != "binary":
@@ -154,8 +166,8 @@ def scale_shape(q: Quantizer, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def init_scale(q: Quantizer, x: jax.Array, rule: str = "absmax") -> jax.Array:
-    """An initial value for a ``learned`` or ``given`` scale from the data, by ``rule``
-    (``absmax``, ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(fmax)``)."""
+    """An initial value for a ``learned`` or ``given`` scale from the data, by ``rule`` (``absmax``,
+    ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(Q_P)``, ``Q_P`` the largest code)."""
     if not isinstance(q, Quantizer):
         raise TypeError(f"init_scale expects a Quantizer, got {type(q).__name__}")
     x = _check_input(x, "init_scale")
@@ -195,15 +207,20 @@ def _usable(s: jax.Array) -> jax.Array:
 
 
 def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
-    """(scale, zero_point) for the block view ``xb``; computed scales are detached."""
-    if q.scale in COMPUTED_RULES:
+    """(scale, zero_point, tensor_scale) for the block view ``xb``, as a QArray stores them: float32, but a
+    block rule's scale in its narrow dtype with its tensor scale (:func:`qjax.scales.mx_scale`; the elements
+    divide by :func:`qjax.scales.scale_value` of the two). Computed scales are detached."""
+    if q.scale in COMPUTED_RULES or q.scale in MX_RULES:
         if scale is not None or zero_point is not None:
             raise ValueError(f"scale rule {q.scale!r} computes its own scale; pass scale= only with "
                              "scale='given' or 'learned'")
         if q.bases > 1:
-            return None, None
+            return None, None, None
+        if q.scale in MX_RULES:
+            s, t = mx_scale(q.scale, q.fmt, jax.lax.stop_gradient(xb), axes, q.eps)
+            return s, None, t
         s, z = compute_scale(q.scale, q.fmt, jax.lax.stop_gradient(xb), axes, q.eps)
-        return s, z
+        return s, z, None
     if scale is None:
         raise ValueError(f"scale rule {q.scale!r} needs scale=...; init_scale(q, x) gives a start")
     if q.scale == "learned":
@@ -214,7 +231,7 @@ def _scales(q: Quantizer, x, xb, axes, scale, zero_point):
         s = _usable(_caller_scale(q, x, scale, "scale"))
     s = mark_nonfinite(s, jax.lax.stop_gradient(xb), axes)
     z = None if zero_point is None else _caller_scale(q, x, zero_point, "zero_point", positive=False)
-    return s, z
+    return s, z, None
 
 
 def _residual_codes(q: Quantizer, xb, axes, given):
@@ -254,8 +271,10 @@ def quantize(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
              zero_point: jax.Array | None = None, **hparams) -> QArray:
     """Quantize ``x`` to a :class:`QArray`: ``codes = encode(x / s + z)`` per scale group.
 
-    ``scale``/``zero_point`` are required for the ``given`` and ``learned`` rules; ``hparams`` are the
-    surrogate's (only BiPer's ``omega`` changes the codes).
+    The QArray keeps the scale as its rule stores it: float32, or for the block rules (``e8m0``, ``nvfp4``)
+    uint8 E8M0 exponents, or float8_e4m3fn block scales with a float32 ``tensor_scale``, where ``s`` is
+    :func:`qjax.scales.scale_value` of them. ``scale``/``zero_point`` are required for the ``given`` and
+    ``learned`` rules; ``hparams`` are the surrogate's (only BiPer's ``omega`` changes the codes).
     """
     if not isinstance(q, Quantizer):
         raise TypeError(f"quantize expects a Quantizer, got {type(q).__name__}")
@@ -264,14 +283,14 @@ def quantize(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     gran = q.granularity.resolve(x.shape)
     xb = gran.to_blocks(x)
     axes = gran.reduce_axes(xb.ndim)
-    s, z = _scales(q, x, xb, axes, scale, zero_point)
+    s, z, t = _scales(q, x, xb, axes, scale, zero_point)
     if q.bases > 1:
         codes_b, s = _residual_codes(q, xb, axes, s)
         codes = jax.vmap(lambda c: gran.from_blocks(c, x.shape))(codes_b)
     else:
-        u = grid_units(_encode_input(q, xb, hparams), s)
+        u = grid_units(_encode_input(q, xb, hparams), scale_value(s, t))
         codes = gran.from_blocks(q.fmt.encode(u if z is None else u + z), x.shape)
-    return QArray(codes, s, z, q.format, gran, x.dtype.name, q.bases)
+    return QArray(codes, s, z, q.format, gran, x.dtype.name, q.bases, tensor_scale=t)
 
 
 @jax.custom_vjp
@@ -304,7 +323,7 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     gran = q.granularity.resolve(x.shape)
     xb = gran.to_blocks(x)
     axes = gran.reduce_axes(xb.ndim)
-    s, z = _scales(q, x, xb, axes, scale, zero_point)
+    s, z, t = _scales(q, x, xb, axes, scale, zero_point)
     if q.is_sign:
         signs = q.surrogate_spec(xb, **hparams)
         value = q.fmt.dequant(signs, s, dtype=x.dtype).astype(x.dtype)
@@ -318,9 +337,9 @@ def fake_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None,
     else:
         grad_scale = 1.0
         if q.scale == "learned":
-            grad_scale = 1.0 / math.sqrt(xb.size / s.size * q.fmt.max_abs)
+            grad_scale = 1.0 / math.sqrt(xb.size / s.size * q.fmt.hi)
         grad_scale = jnp.asarray(grad_scale, jnp.float32)
-        value = surrogates.grid_ste(xb, s, z, grad_scale, q.fmt, q.surrogate_spec.clipped)
+        value = surrogates.grid_ste(xb, scale_value(s, t), z, grad_scale, q.fmt, q.surrogate_spec.clipped)
     return gran.from_blocks(value, x.shape)
 
 
@@ -343,6 +362,6 @@ def relaxed_quant(q: Quantizer, x: jax.Array, scale: jax.Array | None = None, **
     _check_hparams(q, hparams)
     gran = q.granularity.resolve(x.shape)
     xb = gran.to_blocks(x)
-    s, _ = _scales(q, x, xb, gran.reduce_axes(xb.ndim), scale, None)
+    s, _, _ = _scales(q, x, xb, gran.reduce_axes(xb.ndim), scale, None)
     value = s * q.surrogate_spec.real_forward(xb, **hparams)
     return gran.from_blocks(value.astype(x.dtype), x.shape)

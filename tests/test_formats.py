@@ -65,6 +65,7 @@ def test_int_formats_range_and_rounding(bits):
         fmt = F.get_format(f"{'' if signed else 'u'}int{bits}")
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         assert (fmt.lo, fmt.hi, fmt.max_abs, fmt.bits) == (lo, hi, hi, bits)
+        assert fmt.edge == (hi + 0.5 if signed else hi)  # absmax_edge: the top bucket's outer edge
         u = jnp.linspace(lo - 3, hi + 3, 97)
         codes = fmt.encode(u)
         assert codes.dtype == (jnp.int8 if signed else jnp.uint8)
@@ -161,3 +162,22 @@ def test_dynamic_encode_of_every_decoded_value_is_its_code(name):
     codes = jnp.arange(256, dtype=jnp.uint8)
     np.testing.assert_array_equal(fmt.encode(fmt.decode(codes)), codes)
     np.testing.assert_array_equal(fmt.decode(codes), np.asarray(fmt.table, np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_absmax_grid_has_the_finer_step_and_error_at_most_half_of_it(bits):
+    # absmax_edge: s = amax / (2^(b-1) - 1/2) (GPTQ's reference quantizer, Qwix): +-amax sit on the outer
+    # edges of the end buckets, no element is more than s/2 off, and the step is finer than absmax's
+    # amax / (2^(b-1) - 1), so the mean squared error of evenly spread values is lower.
+    from qjax import PerTensor, Quantizer, fake_quant, quantize
+
+    x = jnp.linspace(-1.0, 1.0, 4097)
+    q = Quantizer(f"int{bits}", PerTensor(), "absmax_edge")
+    hi = 2 ** (bits - 1) - 1
+    codes = np.asarray(quantize(q, x).codes)
+    assert codes.min() >= -hi - 1 and codes.max() == hi and codes.min() <= -hi
+    s = 1.0 / (hi + 0.5)
+    err = fake_quant(q, x) - x
+    assert float(jnp.max(jnp.abs(err))) <= s / 2 * (1 + 1e-6)
+    coarse = fake_quant(Quantizer(f"int{bits}", PerTensor()), x) - x
+    assert float(jnp.mean(err**2)) < float(jnp.mean(coarse**2))

@@ -43,7 +43,7 @@ from qjax.quantizer import Quantizer, quantize
 from qjax.scales import COMPUTED_RULES, compute_scale
 
 # Scale rules that map the group's range onto the grid: their group scales may follow the updated rows.
-_RANGE_RULES = ("absmax", "minmax")
+_RANGE_RULES = ("absmax", "absmax_edge", "minmax")
 
 
 def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
