@@ -6,6 +6,8 @@
   ``(K / group_size, N)`` float scales, float32 accumulation (:mod:`kernels_pallas.weight_only`).
 - :func:`int8_matmul` / :func:`int8_dot`: W8A8, int8 activation codes times int8 weight codes with exact
   int32 accumulation and per-token activation scales (:mod:`kernels_pallas.w8a8`).
+- :func:`hadamard_transform`: the normalized fast Walsh-Hadamard transform ``x H_n / sqrt(n)`` on the last
+  axis, ``n`` a power of two, the rotation of QuaRot / QuIP# (:mod:`kernels_pallas.hadamard`).
 
 Backends (:mod:`kernels_pallas.backends`): ``"xla"`` the pure-jnp reference (:mod:`kernels_pallas.reference`),
 ``"pallas"`` the kernel compiled for TPU (Mosaic) or GPU, ``"interpret"`` the same kernel in Pallas'
@@ -25,12 +27,18 @@ import numpy as np
 
 from kernels_pallas import backends, layout
 from kernels_pallas.backends import BACKENDS, KernelFallbackWarning
-from kernels_pallas.reference import dequantize_packed, int8_dot_xla, packed_matmul_xla
+from kernels_pallas.hadamard import hadamard_transform
+from kernels_pallas.reference import (
+    dequantize_packed,
+    hadamard_transform_xla,
+    int8_dot_xla,
+    packed_matmul_xla,
+)
 from kernels_pallas.w8a8 import int8_dot_pallas
 from kernels_pallas.weight_only import packed_matmul_pallas
 
-__all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "int8_dot", "int8_matmul",
-           "packed_matmul", "packed_matmul_xla"]
+__all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "hadamard_transform",
+           "hadamard_transform_xla", "int8_dot", "int8_matmul", "packed_matmul", "packed_matmul_xla"]
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,

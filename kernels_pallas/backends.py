@@ -78,11 +78,13 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def compiler_params(grid_rank: int, interpret: bool):
-    """Mosaic's dimension semantics on TPU (a K grid axis, last, is a reduction: ``"arbitrary"``); ``None``
-    in interpret mode and on other platforms."""
+def compiler_params(grid_rank: int, interpret: bool, parallel: int = 2):
+    """Mosaic's dimension semantics on TPU: the first ``parallel`` grid axes are ``"parallel"``, the rest (a
+    K grid axis, last, is a reduction) ``"arbitrary"``; ``None`` in interpret mode and on other platforms."""
     if interpret or platform() != "tpu":
         return None
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 2 + ("arbitrary",) * (grid_rank - 2))
+    parallel = min(parallel, grid_rank)
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * parallel
+                                + ("arbitrary",) * (grid_rank - parallel))

@@ -5,9 +5,12 @@ from the uint32 plane layout of :mod:`kernels_pallas.layout` (packed along K, ax
 group_size`` (one group when ``group_size`` is None, i.e. per-channel scales) and ``z`` is an optional zero
 point.
 Accumulates in float32. ``int8_dot_xla`` is the W8A8 reference: int8 codes, exact int32 sums.
+``hadamard_transform_xla`` is the reference of the fast Walsh-Hadamard transform ``x H_n / sqrt(n)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +43,23 @@ def packed_matmul_xla(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, b
 def int8_dot_xla(a: jax.Array, b: jax.Array) -> jax.Array:
     """``acc = a (..., K) @ b (K, N)`` over int8 codes: one ``dot_general``, exact int32 accumulation."""
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def hadamard_transform_xla(x: jax.Array) -> jax.Array:
+    """``x H_n / sqrt(n)`` on the last axis, ``n`` a power of two, by the fast Walsh-Hadamard transform.
+
+    ``H_n`` is Sylvester's matrix in natural order, ``H_1 = [1]``, ``H_2k = [[H_k, H_k], [H_k, -H_k]]``, so
+    ``H_n[i, j] = (-1)^popcount(i & j)``; ``log2(n)`` in-place butterfly stages, stage ``h = 1, 2, 4, ...``
+    mapping each pair ``(x[i], x[i + h])`` with bit ``h`` of ``i`` clear to ``(x[i] + x[i + h], x[i] -
+    x[i + h])``: ``n log2(n)`` additions instead of the ``n^2`` multiply-adds of a matmul. Computed in
+    float32 (float64 for float64 input), returned in ``x``'s dtype.
+    """
+    n, lead = x.shape[-1], x.shape[:-1]
+    y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    h = 1
+    while h < n:
+        pairs = y.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, n)
+        h *= 2
+    return (y * (1.0 / math.sqrt(n))).astype(x.dtype)

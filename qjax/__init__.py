@@ -1,14 +1,15 @@
 """qjax: low-bit neural networks in JAX/Flax.
 
-The flat public API: quantizers with surrogate gradients, formats, granularities, QArray and packing; rules
-and the Linen / NNX transforms (``qjax.linen``, ``qjax.nnx``), post-training quantization (``qjax.ptq``),
-8-bit optimizers (``qjax.optim``), checkpoints and summaries.
+The flat public API: quantizers with surrogate gradients, formats, granularities, QArray and packing;
+Hadamard rotations (``qjax.rotation``); rules and the Linen / NNX transforms (``qjax.linen``,
+``qjax.nnx``), post-training quantization (``qjax.ptq``), 8-bit optimizers (``qjax.optim``), checkpoints
+and summaries.
 
-``import qjax`` loads only the core (surrogates, formats, quantizers, QArray, packing, rules), never Flax,
-Optax or Orbax: the front ends and the modules that need them (``linen``, ``nnx``, ``ptq``, ``optim``,
-``checkpoint``, ``summary``, and the op-level core the front ends share: ``core``, ``interception``,
-``discovery``, ``int_matmul``, ``serving``, ``machine``) are imported on first attribute access (PEP 562
-``__getattr__``), so ``qjax.ptq.gptq`` works after a plain ``import qjax``.
+``import qjax`` loads only the core (surrogates, formats, quantizers, QArray, packing, rotations, rules),
+never Flax, Optax or Orbax: the front ends and the modules that need them (``linen``, ``nnx``, ``ptq``,
+``optim``, ``checkpoint``, ``summary``, and the op-level core the front ends share: ``core``,
+``interception``, ``discovery``, ``int_matmul``, ``serving``, ``machine``) are imported on first attribute
+access (PEP 562 ``__getattr__``), so ``qjax.ptq.gptq`` works after a plain ``import qjax``.
 
 ``qjax.linen`` and ``qjax.nnx`` are left out of ``__all__`` so that ``from qjax import *`` never shadows
 Flax's own ``nnx`` or ``linen``.
@@ -16,11 +17,12 @@ Flax's own ``nnx`` or ``linen``.
 
 import importlib
 
-from qjax import formats, packing, presets, qat, rules, surrogates
+from qjax import formats, packing, presets, qat, rotation, rules, surrogates
 from qjax.formats import FORMAT_NAMES, Format, dynamic_map, get_format
 from qjax.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from qjax.qarray import QArray, dequantize
 from qjax.quantizer import Quantizer, fake_quant, init_scale, quantize, relaxed_quant, scale_shape
+from qjax.rotation import HADAMARD_ORDERS, Rotation, hadamard_matrix, hadamard_rotation, random_hadamard
 from qjax.rules import Rule
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ _LAZY_MODULES = ("checkpoint", "core", "discovery", "int_matmul", "interception"
 
 __all__ = [
     "FORMAT_NAMES",
+    "HADAMARD_ORDERS",
     "Format",
     "PerBlock",
     "PerChannel",
@@ -40,6 +43,7 @@ __all__ = [
     "PerToken",
     "QArray",
     "Quantizer",
+    "Rotation",
     "Rule",
     "checkpoint",
     "dequantize",
@@ -47,6 +51,8 @@ __all__ = [
     "fake_quant",
     "formats",
     "get_format",
+    "hadamard_matrix",
+    "hadamard_rotation",
     "init_scale",
     "optim",
     "packing",
@@ -54,7 +60,9 @@ __all__ = [
     "ptq",
     "qat",
     "quantize",
+    "random_hadamard",
     "relaxed_quant",
+    "rotation",
     "rules",
     "scale_shape",
     "summary",
