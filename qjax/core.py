@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from qjax import qat
+from qjax.input_transform import transform_input
 from qjax.int_matmul import RESIDUALS, integer_eligible, qat_matmul
 from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray
@@ -191,13 +192,15 @@ class Call:
     """One call of a quantized module: what :meth:`handle` needs to quantize its contractions."""
 
     def __init__(self, entry: ModuleEntry | None, weights: Mapping[str, Weight], hparams: Mapping,
-                 settings: Settings, input_scale=None, recorder: dict | None = None):
+                 settings: Settings, input_scale=None, recorder: dict | None = None,
+                 input_transform: Mapping | None = None):
         self.entry = entry
         self.rule = entry.rule if entry is not None else None
         self.weights = dict(weights)
         self.hparams = dict(hparams)
         self.settings = settings
         self.input_scale = input_scale
+        self.input_transform = input_transform  # qjax.input_transform: applied to the contraction input
         self.recorder = recorder  # record pass: {param name: Use}
         self.trace = jex_core.get_opaque_trace_state()
 
@@ -245,9 +248,10 @@ class Call:
             args[position] = value.astype(jnp.result_type(args[position]))
         else:
             args[position] = weight.seen
-        if rule.input is not None:
-            for i in operand_positions(op, tuple(args)):
-                if i != position:
+        for i in operand_positions(op, tuple(args)):
+            if i != position:
+                args[i] = transform_input(self.input_transform, args[i])
+                if rule.input is not None:
                     args[i] = qat.quantize_input(rule.input, args[i], self.input_scale, self.hparams)
         return original(*args, **kwargs)
 
@@ -256,6 +260,7 @@ class Call:
         x, w = args[0], args[1]
         dtype = kwargs.get("preferred_element_type") or (args[5] if len(args) > 5 else None) \
             or jnp.result_type(x, w)
+        x = transform_input(self.input_transform, x)
         rule = self.rule
         if path == PACKED:
             if rule.input is not None:
@@ -297,12 +302,17 @@ class Record:
                            tuple(sorted(self.uses.items())), max(stacked, 0))
 
 
-def quantize_at_module(entry: ModuleEntry, args: tuple, input_scale, hparams: Mapping) -> tuple:
-    """The call's arguments with its first input quantized by the rule's ``input`` quantizer when no
-    interceptable op contracts the module's weight (path ``fake-quant float (at the module)``)."""
-    if entry.intercepted or entry.rule.input is None or not args:
+def quantize_at_module(entry: ModuleEntry, args: tuple, input_scale, hparams: Mapping,
+                       input_transform: Mapping | None = None) -> tuple:
+    """The call's arguments with its first input transformed (:mod:`qjax.input_transform`) and quantized by
+    the rule's ``input`` quantizer when no interceptable op contracts the module's weight (path
+    ``fake-quant float (at the module)``)."""
+    if entry.intercepted or not args or (entry.rule.input is None and input_transform is None):
         return args
-    return (qat.quantize_input(entry.rule.input, args[0], input_scale, dict(hparams)), *args[1:])
+    x = transform_input(input_transform, args[0])
+    if entry.rule.input is not None:
+        x = qat.quantize_input(entry.rule.input, x, input_scale, dict(hparams))
+    return (x, *args[1:])
 
 
 def frozen_weight(q: Quantizer, w: jax.Array, scale, hparams: Mapping, contract: int, stacked: int) -> QArray:

@@ -60,10 +60,12 @@ from qjax.qarray import QArray, dequantize
 from qjax.rules import assign, check_rules, format_table
 
 __all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FLOAT", "FUSED_FLOAT", "FUSED_PATHS", "INPUT_KEY",
-           "INT8", "PACKED", "ModuleEntry", "QuantizedModel", "float_view", "freeze",
+           "INT8", "PACKED", "TRANSFORM_KEY", "ModuleEntry", "QuantizedModel", "float_view", "freeze",
            "get_path", "quantize_model", "serving_variables", "set_path"]
 
 INPUT_KEY = "__input__"
+TRANSFORM_KEY = "__input_transform__"  # a module's input transform (qjax.input_transform), in "quant"
+KEPT_KEYS = (INPUT_KEY, TRANSFORM_KEY)  # what a frozen model keeps of the "quant" collection
 
 
 def unbox(x):
@@ -102,12 +104,12 @@ def float_view(variables: Mapping) -> dict:
 def serving_variables(variables: Mapping, params: Mapping) -> dict:
     """Frozen variables: ``variables`` with ``params`` (holding packed QArrays) as their params. Learned
     weight scales, folded into the QArrays, leave the ``quant`` collection; learned or calibrated *input*
-    scales stay (the frozen model still quantizes its inputs with them)."""
+    scales and input transforms stay (the frozen model still quantizes and transforms its inputs)."""
 
     def inputs_only(tree: Mapping) -> dict:
-        kept = {k: v if k == INPUT_KEY else inputs_only(v) for k, v in tree.items()
-                if k == INPUT_KEY or isinstance(v, Mapping)}
-        return {k: v for k, v in kept.items() if k == INPUT_KEY or v}
+        kept = {k: v if k in KEPT_KEYS else inputs_only(v) for k, v in tree.items()
+                if k in KEPT_KEYS or isinstance(v, Mapping)}
+        return {k: v for k, v in kept.items() if k in KEPT_KEYS or v}
 
     out = {k: v for k, v in variables.items() if k != "quant"}
     out["params"] = params
@@ -339,10 +341,12 @@ class QuantizedModel:
                     else:  # inside a scan body (a per-layer slice) or a nested .apply's weight
                         weights[name] = Weight(name, own[name], own[name], get_path(quant, (*path, name)))
                 input_scale = get_path(quant, (*path, INPUT_KEY))
-                args = quantize_at_module(entry, args, input_scale, hparams)
+                transform = get_path(quant, (*path, TRANSFORM_KEY))
+                args = quantize_at_module(entry, args, input_scale, hparams, transform)
                 if not entry.intercepted:
                     weights = {}
-                handler = Call(entry, weights, hparams, self.settings, input_scale).handle
+                handler = Call(entry, weights, hparams, self.settings, input_scale,
+                               input_transform=transform).handle
             paths.stack.append(path)
             try:
                 with intercepting(handler):

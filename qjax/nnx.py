@@ -58,12 +58,13 @@ from qjax.qarray import QArray, dequantize
 from qjax.rules import assign, check_rules, format_table
 
 __all__ = ["AT_MODULE", "DEQUANTIZED", "FAKE_QUANT", "FUSED_PATHS", "PACKED", "Hyperparameter", "Hyperparams",
-           "PackedWeight", "QuantScale", "dry_run", "freeze",
+           "InputTransform", "PackedWeight", "QuantScale", "dry_run", "freeze",
            "module_table", "paths", "quantize_model", "summary_params", "unquantize_model"]
 
 CONFIG = "_qjax_config"
 HPARAMS = "qjax_hparams"
 INPUT_SCALE = "input_qscale"
+INPUT_TRANSFORM = "input_transform"
 
 
 class PackedWeight(nnx.Variable):
@@ -82,6 +83,12 @@ class PackedWeight(nnx.Variable):
 
 class QuantScale(nnx.Variable):
     """A learned quantization scale (LSQ step, BiPer/XNOR alpha)."""
+
+
+class InputTransform(nnx.Variable):
+    """A frozen module's input transform (:mod:`qjax.input_transform`, e.g. SmoothQuant's or AWQ's
+    per-channel divisor ``{"divisor": s}``): applied to its contraction input; its weight holds
+    ``diag(s) W``."""
 
 
 class Hyperparameter(nnx.Variable):
@@ -181,9 +188,11 @@ def _module_call(module, config: _Config, method, args, kwargs):
         else:
             weights[name] = Weight(name, var.get_value(), var.get_value(), scale)
     input_scale = _value(module, INPUT_SCALE)
-    args = quantize_at_module(entry, args, input_scale, hparams)
+    transform = _value(module, INPUT_TRANSFORM)
+    args = quantize_at_module(entry, args, input_scale, hparams, transform)
     try:
-        with intercepting(Call(entry, weights, hparams, config.settings, input_scale).handle):
+        with intercepting(Call(entry, weights, hparams, config.settings, input_scale,
+                               input_transform=transform).handle):
             return method(module, *args, **kwargs)
     finally:
         for var, raw in restore:

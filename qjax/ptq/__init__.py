@@ -1,4 +1,5 @@
-"""Post-training quantization: calibration, RTN, GPTQ, STE fine-tuning and PV-tuning (module docstrings).
+"""Post-training quantization: calibration, RTN, GPTQ, SmoothQuant, AWQ, STE fine-tuning and PV-tuning
+(module docstrings).
 
 Every method takes ``(model, variables, rules, batches)`` (:mod:`qjax.ptq.layers`) and is written once over
 one functional view of the model (:mod:`qjax.ptq.model`), so it runs on Linen and NNX models alike:
@@ -27,8 +28,9 @@ from qjax.ptq.gptq import gptq, gptq_layer, hessians
 from qjax.ptq.layers import Layer, frozen_variables, quantized_layers
 from qjax.ptq.pv import pv_tuning, requantize_subspace, top_tau_mask
 from qjax.ptq.rtn import rtn
+from qjax.ptq.smoothing import awq, smoothquant
 from qjax.ptq.ste import ste_finetune
 
-__all__ = ["Layer", "Range", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer",
+__all__ = ["Layer", "Range", "awq", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer",
            "hessians", "input_scales", "input_statistics", "mse", "pv_tuning", "quantized_layers",
-           "requantize_subspace", "rtn", "ste_finetune", "teacher_targets", "top_tau_mask"]
+           "requantize_subspace", "rtn", "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]

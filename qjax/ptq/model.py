@@ -118,6 +118,7 @@ class LinenView(_View):
         self.params = start["params"]
         self.rest = {k: v for k, v in start.items() if k not in ("params", "quant")}
         self._start = start
+        _refuse_transformed([m for m, _ in _transforms_in(self.variables.get("quant", {}))], who)
 
     @functools.cached_property
     def table(self) -> dict:
@@ -135,11 +136,19 @@ class LinenView(_View):
                 out[layer.path] = w
         return out
 
-    def frozen(self, qarrays: Mapping[Path, QArray], params: Mapping | None = None) -> dict:
+    def frozen(self, qarrays: Mapping[Path, QArray], params: Mapping | None = None,
+               transforms: Mapping[Path, Mapping] | None = None) -> dict:
         """Frozen variables (:func:`~qjax.ptq.layers.frozen_variables`); ``params``: new values of the
-        other parameters (default: the variables' own)."""
+        other parameters (default: the variables' own); ``transforms``: ``{module path: input transform}``
+        (:mod:`qjax.input_transform`), stored in ``variables["quant"]``."""
         variables = self.variables if params is None else {**self.variables, "params": params}
-        return frozen_variables(variables, self.layers, qarrays)
+        out = frozen_variables(variables, self.layers, qarrays)
+        if transforms:
+            quant = dict(out.get("quant", {}))
+            for module, transform in transforms.items():
+                quant = ql.set_path(quant, (*module, ql.TRANSFORM_KEY), dict(transform))
+            out["quant"] = quant
+        return out
 
     def student(self) -> tuple[dict, object, Apply, Callable[[dict], dict]]:
         """``(params, rest, apply, finish)``: ``apply`` runs ``quantize_model(model, rules).apply``;
@@ -194,6 +203,8 @@ class NnxView(_View):
             scale = getattr(module, qn.INPUT_SCALE, None)
             if isinstance(scale, nnx.Variable):
                 self.input_scales[name] = scale.get_value()
+            if isinstance(getattr(module, qn.INPUT_TRANSFORM, None), qn.InputTransform):
+                _refuse_transformed([name], who)
         if _is_quantized(copy):
             qn.unquantize_model(copy)  # the copy's classes and scales only; model keeps its own
         self._copy = copy
@@ -231,10 +242,14 @@ class NnxView(_View):
                 _set_input_scale(modules[name], value)
         return modules
 
-    def frozen(self, qarrays: Mapping[Path, QArray], params: Mapping | None = None) -> nnx.Module:
+    def frozen(self, qarrays: Mapping[Path, QArray], params: Mapping | None = None,
+               transforms: Mapping[Path, Mapping] | None = None) -> nnx.Module:
         """``model``, quantized by the rules and frozen in place with ``qarrays`` (module docstring);
-        ``params``: new values of the other parameters (default: the model's own)."""
+        ``params``: new values of the other parameters (default: the model's own); ``transforms``:
+        ``{module path: input transform}`` (a :class:`qjax.nnx.InputTransform` on the module)."""
         modules = self._quantize_in_place(self.params if params is None else params)
+        for module, transform in (transforms or {}).items():
+            setattr(modules["/".join(module)], qn.INPUT_TRANSFORM, qn.InputTransform(dict(transform)))
         for layer in self.layers:
             module, attr = modules["/".join(layer.module)], layer.path[-1]
             var = getattr(module, attr)
@@ -269,6 +284,24 @@ class NnxView(_View):
         for module, scale in scales.items():
             _set_input_scale(modules["/".join(module)], scale)
         return self.model
+
+
+def _transforms_in(quant: Mapping, prefix: Path = ()):
+    """``(module path, transform)`` of every input transform in a Linen ``quant`` collection."""
+    for key, value in quant.items():
+        if key == ql.TRANSFORM_KEY:
+            yield "/".join(prefix), value
+        elif isinstance(value, Mapping):
+            yield from _transforms_in(value, (*prefix, key))
+
+
+def _refuse_transformed(modules: list[str], who: str) -> None:
+    """A model whose weights hold ``diag(s) W`` (SmoothQuant, AWQ) has no float view to start a method
+    from: its float weights are not stored."""
+    if modules:
+        raise ValueError(f"{who}: modules {sorted(modules)[:5]} carry input transforms (SmoothQuant / AWQ): "
+                         "their stored weights are diag(s) W, not the float model's; allowed: start from "
+                         "the float model")
 
 
 def _set_input_scale(module: nnx.Module, value: jax.Array) -> None:

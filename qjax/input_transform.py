@@ -1,0 +1,68 @@
+"""Input transforms: an invertible per-channel map of a weight contraction's input, folded into the weight.
+
+For a Dense-like contraction ``y = x . W`` over ``c`` axes (``x (..., *K)``, ``W (*K, *F)``) and a positive
+divisor ``s`` of shape ``K``,
+
+    y = (x / s) . (diag(s) W)
+
+exactly in real arithmetic (in float up to rounding): the input is divided by ``s`` channel by channel and
+the weight's matching rows are multiplied by it. Quantizing the *transformed* operands is what the
+activation-aware methods do:
+
+- SmoothQuant (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large
+  Language Models", ICML 2023): ``s_j = max|X_j|^a / max|W_j|^(1-a)`` moves the input's outlier channels into
+  the weight, so that both quantize to 8 bits;
+- AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration", MLSys
+  2024): ``s_j = mean|X_j|^a`` scales the salient input channels up before the weight is rounded.
+
+A transform is a dict of arrays (a pytree that Flax collections, NNX variables and checkpoints hold as they
+are): ``{"divisor": s}``. The core (:class:`qjax.core.Call`) applies it to the module's contraction input
+before the input is quantized, on every path (QAT, fake-quant, packed and dequantized frozen weights); the
+weight stored is already ``diag(s) W``. Where the model's own code allows it the divisor can instead be folded
+into the producer of the input (a norm's scale); then no transform is stored at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+DIVISOR = "divisor"
+KEYS = (DIVISOR,)
+
+
+def check_transform(transform: Mapping, who: str) -> dict:
+    """``transform`` as a dict of its known keys; a clear error for anything else."""
+    if not isinstance(transform, Mapping) or not transform or set(transform) - set(KEYS):
+        raise ValueError(f"{who}: input transform {transform!r} is not allowed; allowed: a dict with the "
+                         f"key(s) {', '.join(KEYS)}")
+    s = transform[DIVISOR]
+    if not hasattr(s, "shape") or jnp.ndim(s) < 1:
+        raise ValueError(f"{who}: the input transform's divisor must be an array of the contracted shape "
+                         f"K, got {type(s).__name__} of shape {jnp.shape(s)}")
+    return dict(transform)
+
+
+def transform_input(transform: Mapping | None, x: jax.Array) -> jax.Array:
+    """``x / s`` over ``x``'s trailing ``s.ndim`` axes (the contracted ones), in ``x``'s dtype; ``x`` itself
+    when ``transform`` is ``None``."""
+    if transform is None:
+        return x
+    s = transform[DIVISOR]
+    if tuple(x.shape[x.ndim - s.ndim:]) != tuple(s.shape):
+        raise ValueError(f"input transform: the divisor of shape {tuple(s.shape)} does not match the input's "
+                         f"contracted axes (input shape {tuple(x.shape)}); allowed: a divisor of the "
+                         "input's trailing contracted shape")
+    return (x / s.astype(x.dtype)).astype(x.dtype)
+
+
+def transform_weight(transform: Mapping, w: jax.Array) -> jax.Array:
+    """``diag(s) W``: the weight ``W (*K, *F)`` with its leading ``s.ndim`` axes multiplied by ``s``."""
+    s = transform[DIVISOR]
+    if tuple(w.shape[:s.ndim]) != tuple(s.shape):
+        raise ValueError(f"input transform: the divisor of shape {tuple(s.shape)} does not match the "
+                         f"weight's contracted axes (weight shape {tuple(w.shape)}); allowed: a divisor of "
+                         "the weight's leading contracted shape")
+    return (w * s.reshape(s.shape + (1,) * (w.ndim - s.ndim)).astype(w.dtype)).astype(w.dtype)

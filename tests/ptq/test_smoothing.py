@@ -1,0 +1,127 @@
+"""SmoothQuant and AWQ: the input transform is exact in float, the frozen model divides its inputs in the core
+on every path, Linen and NNX give the same divisors and codes, and on inputs with outlier channels both beat
+plain rounding where the papers say they should (W8A8 for SmoothQuant, low-bit weights for AWQ)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import PerChannel, PerGroup, PerToken, Quantizer, Rule, dequantize, fake_quant, ptq
+from qjax import linen as ql
+from qjax import nnx as qn
+from qjax.input_transform import DIVISOR, transform_input, transform_weight
+from tests.ptq.conftest import TokenMLP, make_batches
+from tests.ptq.test_nnx_ptq import NAMES, nnx_copy, run_linen, run_nnx
+
+W8A8 = [Rule(".*", types=("Dense", "Linear"), weight=Quantizer("int8", PerChannel(-1)),
+             input=Quantizer("int8", PerToken(-1)), name="w8a8")]
+W3 = [Rule(".*", types=("Dense", "Linear"), weight=Quantizer("int3", PerGroup(0, 16)), name="w3")]
+# the layer whose input holds the outlier channels, alone: its error is the model's
+FIRST_W8A8 = [Rule("dense_0", weight=Quantizer("int8", PerChannel(-1)), input=Quantizer("int8", PerToken(-1)),
+                   name="w8a8")]
+
+
+def outlier_batches(n=3, scale=30.0):
+    """conftest's batches with two input channels 30x larger: the activation outliers SmoothQuant and AWQ
+    exist for."""
+    out = []
+    for b in make_batches(n):
+        out.append({**b, "x": b["x"].at[..., :2].multiply(scale)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def outliers():
+    model = TokenMLP()
+    batches = outlier_batches()
+    variables = model.init(jax.random.key(0), **batches[0])
+    return model, variables, batches
+
+
+def output_error(model, rules, frozen, variables, batches):
+    ref = [model.apply(variables, **b) for b in batches]
+    got = [run_linen(model, rules, frozen, b) for b in batches]
+    return sum(float(jnp.sum((g - r) ** 2)) for g, r in zip(got, ref, strict=True))
+
+
+def test_transform_is_exact_in_float():
+    x = jax.random.normal(jax.random.key(0), (5, 7, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 9))
+    s = {DIVISOR: jnp.exp(jax.random.normal(jax.random.key(2), (16,)))}
+    np.testing.assert_allclose(transform_input(s, x) @ transform_weight(s, w), x @ w, rtol=1e-5, atol=1e-5)
+    w3 = w.reshape(4, 4, 9)
+    s3 = {DIVISOR: s[DIVISOR].reshape(4, 4)}
+    got = jnp.tensordot(transform_input(s3, x.reshape(5, 7, 4, 4)), transform_weight(s3, w3), 2)
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_model_divides_its_inputs_in_the_core(outliers):
+    # The frozen output equals the hand computation Q_x(x / s) . dequant(Q(diag(s) W)) layer by layer.
+    model, variables, batches = outliers
+    frozen = ptq.smoothquant(model, variables, W8A8, batches)
+    quant = frozen["quant"]
+    b = batches[0]
+    h = b["x"]
+    for i, name in enumerate(NAMES):
+        s = quant[name][ql.TRANSFORM_KEY][DIVISOR]
+        assert s.shape == (h.shape[-1],) and bool(jnp.all(s > 0))
+        xq = fake_quant(W8A8[0].input, h / s)
+        h = xq @ dequantize(frozen["params"][name]["kernel"]) + variables["params"][name]["bias"]
+        if i < 2:
+            h = jax.nn.gelu(h)
+    np.testing.assert_allclose(run_linen(model, W8A8, frozen, b), h, rtol=2e-4, atol=2e-4)
+    assert ql.quantize_model(model, W8A8).paths(frozen, **b)["dense_0"] == ql.PACKED
+
+
+def test_smoothquant_formula_and_w8a8_gain(outliers):
+    model, variables, batches = outliers
+    frozen = ptq.smoothquant(model, variables, FIRST_W8A8, batches, alpha=0.5)
+    x_max = jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.where(b["attention_mask"][..., None] > 0, b["x"], 0)),
+                                       axis=(0, 1)) for b in batches]), axis=0)
+    w_max = jnp.max(jnp.abs(variables["params"]["dense_0"]["kernel"]), axis=1)
+    np.testing.assert_allclose(frozen["quant"]["dense_0"][ql.TRANSFORM_KEY][DIVISOR],
+                               jnp.maximum(jnp.sqrt(x_max / w_max), 1e-5), rtol=1e-5)
+    rtn = ptq.rtn(model, variables, FIRST_W8A8, batches[0])
+    e_rtn, e_sq = (output_error(model, FIRST_W8A8, f, variables, batches) for f in (rtn, frozen))
+    assert e_sq < 0.5 * e_rtn, (e_sq, e_rtn)
+    searched = ptq.smoothquant(model, variables, FIRST_W8A8, batches, alphas=np.linspace(0, 1, 11))
+    assert output_error(model, FIRST_W8A8, searched, variables, batches) <= e_sq * 1.05
+
+
+def test_awq_beats_rtn_and_gptq_variant(outliers):
+    model, variables, batches = outliers
+    rtn = ptq.rtn(model, variables, W3, batches[0])
+    e_rtn = output_error(model, W3, rtn, variables, batches)
+    e_awq = output_error(model, W3, ptq.awq(model, variables, W3, batches), variables, batches)
+    e_awq_gptq = output_error(model, W3, ptq.awq(model, variables, W3, batches, method="gptq"), variables,
+                              batches)
+    assert e_awq < e_rtn, (e_awq, e_rtn)
+    assert e_awq_gptq < e_rtn, (e_awq_gptq, e_rtn)
+
+
+def test_nnx_gives_the_linen_divisors_codes_and_output(outliers):
+    model, variables, batches = outliers
+    frozen = ptq.awq(model, variables, W3, batches)
+    nmodel = ptq.awq(nnx_copy(variables), None, W3, batches)
+    for name in NAMES:
+        layer = getattr(nmodel, name)
+        np.testing.assert_allclose(getattr(layer, qn.INPUT_TRANSFORM).get_value()[DIVISOR],
+                                   frozen["quant"][name][ql.TRANSFORM_KEY][DIVISOR], rtol=1e-6)
+        np.testing.assert_array_equal(dequantize(layer.kernel.qarray),
+                                      dequantize(frozen["params"][name]["kernel"]))
+    np.testing.assert_allclose(run_nnx(nmodel, batches[0]), run_linen(model, W3, frozen, batches[0]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformed_model_is_no_start_and_bad_arguments_are_named(outliers):
+    model, variables, batches = outliers
+    frozen = ptq.awq(model, variables, W3, batches[:1], n_grid=2)
+    with pytest.raises(ValueError, match=r"carry input transforms.*allowed: start from the float model"):
+        ptq.gptq(model, frozen, W3, batches)
+    with pytest.raises(ValueError, match=r"n_grid=0; allowed: a positive integer"):
+        ptq.awq(model, variables, W3, batches, n_grid=0)
+    with pytest.raises(ValueError, match=r"alphas=\[1.5\]; allowed: numbers in \[0, 1\]"):
+        ptq.smoothquant(model, variables, W8A8, batches, alphas=[1.5])
+    with pytest.raises(ValueError, match=r"method='pv'; allowed: rtn, gptq"):
+        ptq.awq(model, variables, W3, batches, method="pv")
