@@ -167,13 +167,14 @@ def scale_shape(q: Quantizer, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def init_scale(q: Quantizer, x: jax.Array, rule: str = "absmax") -> jax.Array:
     """An initial value for a ``learned`` or ``given`` scale from the data, by ``rule`` (``absmax``,
-    ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(Q_P)``, ``Q_P`` the largest code)."""
+    ``absmax_edge``, ``mean_abs``, ``median``, ``lsq_init``: ``2 mean|x| / sqrt(Q_P)``, ``Q_P`` the largest
+    code)."""
     if not isinstance(q, Quantizer):
         raise TypeError(f"init_scale expects a Quantizer, got {type(q).__name__}")
     x = _check_input(x, "init_scale")
     if rule not in INIT_RULES or rule == "minmax":
-        raise ValueError(f"init_scale: unknown rule {rule!r}; allowed: absmax, mean_abs, median, "
-                         "lsq_init")
+        allowed = ", ".join(r for r in INIT_RULES if r != "minmax")
+        raise ValueError(f"init_scale: unknown rule {rule!r}; allowed: {allowed}")
     gran = q.granularity.resolve(x.shape)
     xb = gran.to_blocks(x)
     axes = gran.reduce_axes(xb.ndim)
