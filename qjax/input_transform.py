@@ -27,22 +27,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 
 DIVISOR = "divisor"
-KEYS = (DIVISOR,)
-
-
-def check_transform(transform: Mapping, who: str) -> dict:
-    """``transform`` as a dict of its known keys; a clear error for anything else."""
-    if not isinstance(transform, Mapping) or not transform or set(transform) - set(KEYS):
-        raise ValueError(f"{who}: input transform {transform!r} is not allowed; allowed: a dict with the "
-                         f"key(s) {', '.join(KEYS)}")
-    s = transform[DIVISOR]
-    if not hasattr(s, "shape") or jnp.ndim(s) < 1:
-        raise ValueError(f"{who}: the input transform's divisor must be an array of the contracted shape "
-                         f"K, got {type(s).__name__} of shape {jnp.shape(s)}")
-    return dict(transform)
 
 
 def transform_input(transform: Mapping | None, x: jax.Array) -> jax.Array:
