@@ -250,7 +250,7 @@ class Call:
             args[position] = weight.seen
         for i in operand_positions(op, tuple(args)):
             if i != position:
-                args[i] = transform_input(self.input_transform, args[i])
+                args[i] = transform_input(self.input_transform, args[i], self.settings.backend)
                 if rule.input is not None:
                     args[i] = qat.quantize_input(rule.input, args[i], self.input_scale, self.hparams)
         return original(*args, **kwargs)
@@ -260,7 +260,7 @@ class Call:
         x, w = args[0], args[1]
         dtype = kwargs.get("preferred_element_type") or (args[5] if len(args) > 5 else None) \
             or jnp.result_type(x, w)
-        x = transform_input(self.input_transform, x)
+        x = transform_input(self.input_transform, x, self.settings.backend)
         rule = self.rule
         if path == PACKED:
             if rule.input is not None:

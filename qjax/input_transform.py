@@ -15,10 +15,17 @@ activation-aware methods do:
 - AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration", MLSys
   2024): ``s_j = mean|X_j|^a`` scales the salient input channels up before the weight is rounded.
 
+A rotation joins the same way: for an orthogonal ``R`` (``qjax.Rotation``, a randomized Hadamard
+``diag(signs) H / sqrt(n)``), ``y = (x R)(R^T W)`` (QuaRot, Ashkboos et al. 2024; QuIP#, Tseng et al. 2024):
+the rotated input and weight have no outlier channels left to quantize. With both, ``T(x) = (x / s) R`` and
+the weight is stored as ``R^T diag(s) W``.
+
 A transform is a dict of arrays (a pytree that Flax collections, NNX variables and checkpoints hold as they
-are): ``{"divisor": s}``. The core (:class:`qjax.core.Call`) applies it to the module's contraction input
-before the input is quantized, on every path (QAT, fake-quant, packed and dequantized frozen weights); the
-weight stored is already ``diag(s) W``. Where the model's own code allows it the divisor can instead be folded
+are): ``{"divisor": s}``, ``{"signs": r}`` or both; the rotation's structure follows from its width
+(:func:`qjax.rotation.default_block`), so its signs are all that is stored. The core
+(:class:`qjax.core.Call`) applies it to the module's contraction input before the input is quantized, on
+every path (QAT, fake-quant, packed and dequantized frozen weights); the weight stored is already
+``R^T diag(s) W``. Where the model's own code allows it the divisor can instead be folded
 into the producer of the input (a norm's scale); then no transform is stored at all.
 """
 
@@ -29,26 +36,47 @@ from collections.abc import Mapping
 import jax
 
 DIVISOR = "divisor"
+SIGNS = "signs"
 
 
-def transform_input(transform: Mapping | None, x: jax.Array) -> jax.Array:
-    """``x / s`` over ``x``'s trailing ``s.ndim`` axes (the contracted ones), in ``x``'s dtype; ``x`` itself
-    when ``transform`` is ``None``."""
+def rotation(transform: Mapping, backend: str = "auto"):
+    """The transform's :class:`qjax.Rotation` (``None`` without ``"signs"``)."""
+    from qjax.rotation import Rotation, default_block
+
+    signs = transform.get(SIGNS)
+    if signs is None:
+        return None
+    n = int(signs.shape[-1])
+    return Rotation(signs, n, default_block(n), backend=backend)
+
+
+def transform_input(transform: Mapping | None, x: jax.Array, backend: str = "auto") -> jax.Array:
+    """``(x / s) R``: ``x`` divided by ``s`` over its trailing ``s.ndim`` axes (the contracted ones), then
+    rotated on its last axis, in ``x``'s dtype; ``x`` itself when ``transform`` is ``None``. ``backend``:
+    the rotation's fast Walsh-Hadamard transform's."""
     if transform is None:
         return x
-    s = transform[DIVISOR]
-    if tuple(x.shape[x.ndim - s.ndim:]) != tuple(s.shape):
-        raise ValueError(f"input transform: the divisor of shape {tuple(s.shape)} does not match the input's "
-                         f"contracted axes (input shape {tuple(x.shape)}); allowed: a divisor of the "
-                         "input's trailing contracted shape")
-    return (x / s.astype(x.dtype)).astype(x.dtype)
+    s = transform.get(DIVISOR)
+    if s is not None:
+        if tuple(x.shape[x.ndim - s.ndim:]) != tuple(s.shape):
+            raise ValueError(f"input transform: the divisor of shape {tuple(s.shape)} does not match the "
+                             f"input's contracted axes (input shape {tuple(x.shape)}); allowed: a divisor "
+                             "of the input's trailing contracted shape")
+        x = (x / s.astype(x.dtype)).astype(x.dtype)
+    r = rotation(transform, backend)
+    return x if r is None else r.apply(x)
 
 
-def transform_weight(transform: Mapping, w: jax.Array) -> jax.Array:
-    """``diag(s) W``: the weight ``W (*K, *F)`` with its leading ``s.ndim`` axes multiplied by ``s``."""
-    s = transform[DIVISOR]
+def transform_weight(transform: Mapping, w: jax.Array, backend: str = "auto") -> jax.Array:
+    """``R^T diag(s) W``: the weight ``W (*K, *F)`` with its leading ``s.ndim`` axes multiplied by ``s``,
+    then rotated along its first axis (``W (K, F)``)."""
+    s = transform.get(DIVISOR)
+    r = rotation(transform, backend)
+    if s is None:
+        return w if r is None else r.rotate_weight(w, 0)
     if tuple(w.shape[:s.ndim]) != tuple(s.shape):
         raise ValueError(f"input transform: the divisor of shape {tuple(s.shape)} does not match the "
                          f"weight's contracted axes (weight shape {tuple(w.shape)}); allowed: a divisor of "
                          "the weight's leading contracted shape")
-    return (w * s.reshape(s.shape + (1,) * (w.ndim - s.ndim)).astype(w.dtype)).astype(w.dtype)
+    w = (w * s.reshape(s.shape + (1,) * (w.ndim - s.ndim)).astype(w.dtype)).astype(w.dtype)
+    return w if r is None else r.rotate_weight(w, 0)

@@ -310,6 +310,12 @@ def _check_key(key, who: str) -> None:
                     f"uint32 jax.random.PRNGKey(seed)); for several rotations, jax.vmap over keys")
 
 
+def default_block(n: int) -> int:
+    """The block :func:`random_hadamard` takes for width ``n`` when none is asked for: ``n`` where it has a
+    Hadamard construction, else the widest divisor of ``n`` that has one."""
+    return _check_block(_as_width(n, "default_block"), None, "default_block")
+
+
 def _check_block(n: int, block, who: str) -> int:
     if block is None:
         return _widest_block(n)

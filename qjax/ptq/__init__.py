@@ -28,9 +28,9 @@ from qjax.ptq.gptq import gptq, gptq_layer, hessians
 from qjax.ptq.layers import Layer, frozen_variables, quantized_layers
 from qjax.ptq.pv import pv_tuning, requantize_subspace, top_tau_mask
 from qjax.ptq.rtn import rtn
-from qjax.ptq.smoothing import awq, smoothquant
+from qjax.ptq.smoothing import awq, hadamard, smoothquant
 from qjax.ptq.ste import ste_finetune
 
 __all__ = ["Layer", "Range", "awq", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer",
-           "hessians", "input_scales", "input_statistics", "mse", "pv_tuning", "quantized_layers",
+           "hadamard", "hessians", "input_scales", "input_statistics", "mse", "pv_tuning", "quantized_layers",
            "requantize_subspace", "rtn", "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import qat
-from qjax.input_transform import DIVISOR
+from qjax.input_transform import DIVISOR, SIGNS, rotation, transform_weight
 from qjax.ptq.capture import capture_fn, statistics
 from qjax.ptq.gptq import _check_hessian, _mean_hessian, gptq_layer, hessian_stat
 from qjax.ptq.layers import Layer, Path, check_batches, check_token_mask, weight
@@ -97,19 +97,28 @@ def _output_error(wq: Quantizer, xq: Quantizer | None, w, rows, mask):
     return jax.jit(jax.vmap(err))
 
 
-def _finish(view, layers, params, scales: Mapping[Path, jax.Array], method: str, hess: Mapping | None):
-    qarrays, transforms = {}, {}
+def _finish(view, layers, params, transforms: Mapping[Path, Mapping], method: str, hess: Mapping | None):
+    """Each layer's weight transformed (``R^T diag(s) W``, :func:`qjax.input_transform.transform_weight`) and
+    rounded or GPTQ-quantized with the transformed inputs' Hessian ``H' = R^T diag(1/s) H diag(1/s) R``; the
+    frozen model with the transforms."""
+    qarrays = {}
     for layer in layers:
-        s = scales[layer.module]
-        w = weight(params, layer) * s[:, None].astype(weight(params, layer).dtype)
+        transform = transforms[layer.module]
+        w = weight(params, layer)
+        w = transform_weight(transform, w.astype(jnp.float32)).astype(w.dtype)
         if method == "gptq":
             h, count = hess[layer.module]
             _check_hessian(h, f"layer {layer.name}")
-            h = _mean_hessian(h, count) / (s[:, None] * s[None, :])
+            h = _mean_hessian(h, count)
+            s = transform.get(DIVISOR)
+            if s is not None:
+                h = h / (s[:, None] * s[None, :])
+            r = rotation(transform)
+            if r is not None:
+                h = r.rotate_weight(r.rotate_weight(h, 0).T, 0)
             qarrays[layer.path] = gptq_layer(layer.quantizer, w, h)
         else:
             qarrays[layer.path] = quantize(layer.quantizer, w)
-        transforms[layer.module] = {DIVISOR: s.astype(jnp.float32)}
     return view.frozen(qarrays, transforms=transforms)
 
 
@@ -176,7 +185,8 @@ def smoothquant(model, variables: Mapping | None, rules, batches: Sequence[Mappi
             cands = cands[int(jnp.argmin(errs))][None]
         scales[layer.module] = cands[0]
     hess = _stats(view, batches, modules, hessian_stat, jnp.add, token_mask) if method == "gptq" else None
-    return _finish(view, layers, view.params, scales, method, hess)
+    transforms = {m: {DIVISOR: s.astype(jnp.float32)} for m, s in scales.items()}
+    return _finish(view, layers, view.params, transforms, method, hess)
 
 
 def awq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *, n_grid: int = 20,
@@ -210,4 +220,32 @@ def awq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *, 
         errs = _output_error(layer.quantizer, _input_quantizer(view, layer, who), w, rows, mask)(cands)
         scales[layer.module] = cands[int(jnp.argmin(errs))]
     hess = _stats(view, batches, modules, hessian_stat, jnp.add, token_mask) if method == "gptq" else None
-    return _finish(view, layers, view.params, scales, method, hess)
+    transforms = {m: {DIVISOR: s.astype(jnp.float32)} for m, s in scales.items()}
+    return _finish(view, layers, view.params, transforms, method, hess)
+
+
+def hadamard(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *, key: jax.Array,
+             method: str = "gptq", token_mask: str | None = "attention_mask",
+             apply_kwargs: Mapping | None = None):
+    """A randomized Hadamard rotation of every quantized layer's input, then ``method`` on the rotated weight
+    (``"gptq"``: QuaRot's and QuIP#'s recipe, GPTQ with the rotated inputs' Hessian ``R^T H R``; ``"rtn"``).
+
+    For ``y = x W`` with ``W (K, N)``: ``R = diag(r) H_K / sqrt(K)`` (:func:`qjax.random_hadamard`, random
+    signs ``r`` from ``key``, one draw per layer; block-diagonal for a width with no Hadamard
+    construction), ``y = (x R)(R^T W)`` exactly in float. The rotation spreads each outlier input channel
+    over all channels, so per-token input scales and per-channel weight scales fit the rotated operands
+    (Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", 2024; Tseng et al., "QuIP#",
+    ICML 2024). The frozen model rotates each such module's input online (the fast Walsh-Hadamard transform,
+    :func:`kernels_pallas.hadamard_transform`) before it quantizes it. Returns as :func:`smoothquant`.
+    """
+    from qjax.rotation import random_hadamard
+
+    who = "hadamard"
+    batches, view, layers, modules = _prepare(model, variables, rules, batches, method, token_mask,
+                                              apply_kwargs, who)
+    transforms = {}
+    for i, layer in enumerate(layers):
+        k = weight(view.params, layer).shape[0]
+        transforms[layer.module] = {SIGNS: random_hadamard(k, jax.random.fold_in(key, i)).signs}
+    hess = _stats(view, batches, modules, hessian_stat, jnp.add, token_mask) if method == "gptq" else None
+    return _finish(view, layers, view.params, transforms, method, hess)

@@ -125,3 +125,25 @@ def test_a_transformed_model_is_no_start_and_bad_arguments_are_named(outliers):
         ptq.smoothquant(model, variables, W8A8, batches, alphas=[1.5])
     with pytest.raises(ValueError, match=r"method='pv'; allowed: rtn, gptq"):
         ptq.awq(model, variables, W3, batches, method="pv")
+
+
+def test_hadamard_rotation_is_exact_in_float_and_beats_rtn_on_outliers(outliers):
+    from qjax.input_transform import SIGNS
+
+    model, variables, batches = outliers
+    key = jax.random.key(3)
+    # exact in float: (x R)(R^T W) = x W through the frozen model's transform path, 8-bit weights and inputs
+    x = batches[0]["x"]
+    t = {SIGNS: jnp.where(jax.random.bernoulli(key, 0.5, (16,)), 1.0, -1.0)}
+    w = variables["params"]["dense_0"]["kernel"]
+    np.testing.assert_allclose(transform_input(t, x, "xla") @ transform_weight(t, w, "xla"), x @ w,
+                               rtol=1e-5, atol=1e-5)
+    rtn = ptq.rtn(model, variables, FIRST_W8A8, batches[0])
+    rotated = ptq.hadamard(model, variables, FIRST_W8A8, batches, key=key, method="rtn")
+    signs = rotated["quant"]["dense_0"][ql.TRANSFORM_KEY][SIGNS]
+    assert signs.shape == (16,) and set(np.unique(np.asarray(signs))) <= {-1.0, 1.0}
+    e_rtn, e_rot = (output_error(model, FIRST_W8A8, f, variables, batches) for f in (rtn, rotated))
+    assert e_rot < 0.5 * e_rtn, (e_rot, e_rtn)
+    e_gptq = output_error(model, FIRST_W8A8, ptq.hadamard(model, variables, FIRST_W8A8, batches, key=key),
+                          variables, batches)
+    assert e_gptq < e_rtn, (e_gptq, e_rtn)
