@@ -80,8 +80,9 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class Use:
     """How a module contracts one of its weights, seen by the record pass: the op, the weight's operand
-    position, and how many of its *leading* axes a ``dot_general`` contracts against the other operand's
-    trailing ones (``(*K, *features)`` weights: Dense, DenseGeneral, Linear; 0 for any other layout)."""
+    position, and how many of its *leading* axes a ``dot_general`` or an ``einsum`` contracts against the
+    other operand's trailing ones (``(*K, *features)`` weights: Dense, DenseGeneral, Linear, Tunix's Einsum;
+    0 for any other layout)."""
 
     op: str
     position: int
@@ -123,9 +124,10 @@ class ModuleEntry:
 
     @property
     def contract(self) -> int:
-        """Leading contraction axes of its first weight (1 for Dense; 0 when not a ``(*K, *N)`` dot)."""
+        """Leading contraction axes of its first weight (1 for Dense; 0 when not a ``(*K, *N)`` contraction:
+        a ``dot_general`` or an ``einsum`` of that form, :func:`einsum_contract`)."""
         use = self.use(self.weights[0]) if self.weights else None
-        return use.contract if use is not None and use.op == "dot_general" else 0
+        return use.contract if use is not None and use.op in ("dot_general", "einsum") else 0
 
 
 def execution_path(entry: ModuleEntry | None, hparams: Mapping, settings: Settings,
@@ -188,6 +190,28 @@ def dot_contract(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int:
     return c
 
 
+def einsum_contract(subscripts, position: int, n_operands: int) -> int:
+    """``c`` when an ``einsum`` with the weight at operand ``position`` (1 or 2; 0 is the subscripts) is a
+    Dense-like ``x (..., *K) . w (*K, *F) -> (..., *F)``: the weight's first ``c`` labels are the other
+    operand's last ``c``, in order, they are the contracted labels, no other label is shared and the output
+    is the other operand's leading labels then the weight's remaining ones (Tunix's ``BTD,DNH->BTNH`` and
+    ``BTNH,NHD->BTD``: 1 and 2); else 0."""
+    if not isinstance(subscripts, str) or n_operands != 2 or "..." in subscripts or "->" not in subscripts:
+        return 0
+    inputs, out = subscripts.replace(" ", "").split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2 or position not in (1, 2):
+        return 0
+    w, x = parts[position - 1], parts[2 - position]
+    shared = set(w) & set(x)
+    c = len(shared)
+    if not 1 <= c < len(w) or shared & set(out) or len(set(w)) != len(w) or len(set(x)) != len(x):
+        return 0
+    if w[:c] != x[len(x) - c:] or out != x[: len(x) - c] + w[c:]:
+        return 0
+    return c
+
+
 class Call:
     """One call of a quantized module: what :meth:`handle` needs to quantize its contractions."""
 
@@ -229,6 +253,8 @@ class Call:
                     if weight is not None and op == "dot_general" and position == 1 else 0)
         if self.recorder is not None:
             if weight is not None:
+                if op == "einsum":
+                    contract = einsum_contract(args[0], position, len(operand_positions(op, args)))
                 self.recorder.setdefault(weight.name, Use(op, position, contract))
             return original(*args, **kwargs)
         rule = self.rule

@@ -6,8 +6,9 @@ contraction the model calls (``dot_general``, ``einsum``, ``dot``, ``matmul``, `
 the handler, which finds the weight operand the way :class:`qjax.core.Call` does, by identity: the operand
 that *is* the value passed in for a weight the module contracts (``kernel`` of a Dense, Tunix's ``w``
 inside its ``jnp.einsum``). The other operand is the contraction's real input; ``stat(x, mask)`` is
-computed on it, flattened to rows ``(n, K)`` (``K`` its last axis), and returned from the jitted forward
-pass. The model's code is not touched, and both front ends are served by the same handler.
+computed on it, flattened to rows ``(n, K)`` (``K`` its last axis, or the last ``c`` axes a ``(*K, *F)``
+weight contracting ``c`` axes meets, :attr:`qjax.core.ModuleEntry.contract`), and returned from the
+jitted forward pass. The model's code is not touched, and both front ends are served by the same handler.
 
 ``mask`` weights the rows: when the batch holds ``token_mask`` (``"attention_mask"`` by default) and its
 shape equals ``x.shape[:-1]``, padding tokens get weight 0 (a statistic must leave them out with
@@ -23,6 +24,7 @@ transformation of the model's own (``scan`` over stacked layers, ``remat``): bot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -37,12 +39,15 @@ from qjax.ptq.layers import Path, check_batches, check_token_mask, get_path
 Stat = Callable[[jax.Array, jax.Array], object]  # (rows (n, K) float32, row weights (n,)) -> pytree
 
 
-def rows_and_mask(x: jax.Array, batch: Mapping, token_mask: str | None) -> tuple[jax.Array, jax.Array]:
-    """``x`` as float32 rows ``(n, K)`` and a row weight ``(n,)``: the batch's token mask when its shape
-    matches ``x.shape[:-1]``, else ones."""
-    rows = jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1])
+def rows_and_mask(x: jax.Array, batch: Mapping, token_mask: str | None,
+                  contract: int = 1) -> tuple[jax.Array, jax.Array]:
+    """``x`` as float32 rows ``(n, K)`` (``K`` its last ``contract`` axes flattened: the axes a
+    ``(*K, *F)`` weight contracts) and a row weight ``(n,)``: the batch's token mask when its shape matches
+    ``x``'s leading axes, else ones."""
+    lead = x.shape[: x.ndim - contract]
+    rows = jnp.asarray(x, jnp.float32).reshape(-1, math.prod(x.shape[x.ndim - contract:]))
     mask = batch.get(token_mask) if token_mask else None
-    if mask is not None and tuple(jnp.shape(mask)) == tuple(x.shape[:-1]):
+    if mask is not None and tuple(jnp.shape(mask)) == tuple(lead):
         return rows, jnp.asarray(mask, jnp.float32).reshape(-1)
     return rows, jnp.ones(rows.shape[:1], jnp.float32)
 
@@ -76,6 +81,7 @@ def capture_fn(view, modules: Sequence[Path], stat: Stat, combine: Callable = jn
     time (``lax.cond``) and reports zeros, so one compilation serves any subset of the modules.
     """
     watched = watched_weights(view, modules)
+    contracts = {module: max(view.entry(module).contract, 1) for module in watched}
 
     def run(params, rest, batch, active=None):
         targets = [(unbox(get_path(params, (*module, name))), module)
@@ -100,7 +106,7 @@ def capture_fn(view, modules: Sequence[Path], stat: Stat, combine: Callable = jn
                     raise ValueError(f"{view.who}: module {'/'.join(module)!r} contracts its weight inside a "
                                      "transformation of the model's own (scan, remat, a jitted helper): its "
                                      "input cannot be captured; exclude it by rule")
-                s = compute(module, *rows_and_mask(inputs[0], batch, token_mask))
+                s = compute(module, *rows_and_mask(inputs[0], batch, token_mask, contracts[module]))
                 if module in found:
                     try:
                         s = jax.tree_util.tree_map(combine, found[module], s)

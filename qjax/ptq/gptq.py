@@ -27,6 +27,7 @@ the clipping error it absorbs: on all-MiniLM-L6-v2 at ternary g64 that collapsed
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -57,26 +58,30 @@ def _mean_hessian(h: jax.Array, count: jax.Array) -> jax.Array:
     return h / jnp.maximum(count, 1.0)
 
 
-def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int, damp):
+def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int, damp, contract: int = 1):
     if not isinstance(q, Quantizer):
         raise TypeError(f"gptq_layer expects a Quantizer, got {type(q).__name__}")
     if not isinstance(damp, jax.core.Tracer) and not (np.ndim(damp) == 0 and np.isfinite(damp) and damp >= 0):
         raise ValueError(f"gptq_layer: damp={damp!r} is not allowed; allowed: a finite number >= 0 (0.01 "
                          "as in the paper)")
-    if jnp.ndim(w) != 2:
-        raise ValueError(f"gptq_layer: weight must be a 2-D (in, out) kernel, got shape {jnp.shape(w)}")
-    k = w.shape[0]
+    if isinstance(contract, bool) or not isinstance(contract, int) or not 1 <= contract < jnp.ndim(w):
+        raise ValueError(f"gptq_layer: weight of shape {jnp.shape(w)} with contract={contract!r}; allowed: a "
+                         "(*K, *F) kernel whose leading contract >= 1 axes are the input ones, at least one "
+                         "output axis left (a Dense (in, out) kernel: contract=1)")
+    k = math.prod(w.shape[:contract])
     if jnp.shape(hessian) != (k, k):
         raise ValueError(f"gptq_layer: hessian has shape {jnp.shape(hessian)}; allowed: ({k}, {k}) for a "
-                         f"weight of shape {tuple(w.shape)}")
+                         f"weight of shape {tuple(w.shape)} contracting {contract} axes")
     if q.scale not in COMPUTED_RULES or q.bases != 1:
         raise ValueError(f"gptq_layer: scale rule {q.scale!r} (bases={q.bases}) is not supported; allowed: "
                          f"single-basis quantizers with a computed scale: {', '.join(COMPUTED_RULES)}")
     gran = q.granularity.resolve(w.shape)
-    per_output = isinstance(gran, PerChannel) and gran.axis == (-1,)
-    if not (per_output or isinstance(gran, PerTensor) or (isinstance(gran, PerGroup) and gran.axis == -2)):
+    per_output = isinstance(gran, PerChannel) and all(a % w.ndim >= contract for a in gran.axis)
+    grouped = isinstance(gran, PerGroup) and gran.axis % w.ndim == 0 and contract == 1
+    if not (per_output or isinstance(gran, PerTensor) or grouped):
         raise ValueError(f"gptq_layer: granularity {q.granularity} is not supported; allowed: PerTensor(), "
-                         "PerChannel(-1) (per output) or PerGroup(0, size) (groups along the input axis)")
+                         "PerChannel over output axes (PerChannel(-1)) or PerGroup(0, size) (groups along "
+                         "the input axis of a kernel contracting one axis)")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"gptq_layer: block_size={block_size!r} must be a positive integer")
     if isinstance(gran, PerGroup) and block_size % gran.size:
@@ -85,10 +90,11 @@ def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int
 
 
 def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block_size: int,
-          act_order: bool):
+          act_order: bool, contract: int = 1):
     gran = q.granularity.resolve(w.shape)
     fmt, dtype = q.fmt, w.dtype.name
-    k, n = w.shape
+    shape = w.shape  # (*K, *F), solved as the (K, F) matrix of its flattened axes
+    k, n = math.prod(shape[:contract]), math.prod(shape[contract:])
     dynamic = isinstance(gran, PerGroup) and not act_order and q.scale in _RANGE_RULES
     g = gran.size if isinstance(gran, PerGroup) else k
     bsz = min(block_size, k) if not isinstance(gran, PerGroup) else block_size
@@ -99,14 +105,14 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     no_input = jnp.all(dead)  # H = 0: no calibration input at all; H = I instead, i.e. RTN
     dead = dead & ~no_input
     h = jnp.where(no_input, jnp.eye(k, dtype=jnp.float32), h + jnp.diag(dead.astype(jnp.float32)))
-    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
+    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32).reshape(k, n))
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
 
     # Static scales (per channel / tensor, or act-order groups) from the original weight, one per row.
-    static = quantize(q, w)
-    blocks_shape = gran.to_blocks(w).shape
-    rows = lambda s: gran.from_blocks(jnp.broadcast_to(s, blocks_shape), (k, n))
+    static = quantize(q, w.reshape(shape))
+    blocks_shape = gran.to_blocks(w.reshape(shape)).shape
+    rows = lambda s: gran.from_blocks(jnp.broadcast_to(s, blocks_shape), shape).reshape(k, n)
     has_zero = static.zero_point is not None
     s_rows = rows(static.scale)[perm]
     z_rows = rows(static.zero_point)[perm] if has_zero else jnp.zeros((k, n), jnp.float32)
@@ -162,16 +168,16 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     groups = jnp.zeros((kp // g if dynamic else 1, n), jnp.float32)
     _, codes, group_s, group_z = jax.lax.fori_loop(0, kp // bsz, block, (wp, codes, groups, groups))
     inverse = jnp.argsort(perm)
-    codes = codes[:k][inverse]
+    codes = codes[:k][inverse].reshape(shape)
     if dynamic:
-        scale = group_s[: k // g, None, :]
-        zero = group_z[: k // g, None, :] if has_zero else None
+        scale = group_s[: k // g, None, :].reshape(k // g, 1, *shape[1:])
+        zero = group_z[: k // g, None, :].reshape(k // g, 1, *shape[1:]) if has_zero else None
     else:
         scale, zero = static.scale, static.zero_point
     return QArray(codes, scale, zero, q.format, gran, dtype, 1), ok
 
 
-_STATIC = ("q", "block_size", "act_order")
+_STATIC = ("q", "block_size", "act_order", "contract")
 _gptq_nested = jax.jit(_gptq, static_argnames=_STATIC)
 # The solver is a long sequential loop whose speed depends on XLA's backend optimizations: at top level
 # keep them on even when a caller lowers the global level to compile faster (the quick tests do).
@@ -184,8 +190,12 @@ def _tracing(*arrays) -> bool:
 
 
 def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: int = 128,
-               damp: float | jax.Array = 0.01, act_order: bool = False) -> QArray:
+               damp: float | jax.Array = 0.01, act_order: bool = False, contract: int = 1) -> QArray:
     """GPTQ of one ``(K, N)`` kernel with Hessian ``H = 2 X^T X / n`` ``(K, K)`` (module docstring).
+
+    ``contract``: a ``(*K, *F)`` kernel whose leading ``contract`` axes meet the input (an einsum weight such
+    as ``NHD`` of ``BTNH,NHD->BTD``: 2) is solved as the ``(prod K, prod F)`` matrix, ``H`` over the
+    flattened input axes; its scales follow ``q`` on the kernel's own shape.
 
     Returns the QArray (unpacked codes, scales as :func:`qjax.quantize` lays them out for ``q``) that
     minimises the layer's output error greedily; ``dequantize`` gives ``W_q``. Jitted (``q``,
@@ -193,7 +203,7 @@ def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: in
     positive definite (increase ``damp``) or holds NaN/inf, unless called under a trace. A Hessian that
     is 0 everywhere gives RTN (module docstring, step 1), with a warning unless traced.
     """
-    _check_layer(q, w, hessian, block_size, damp)
+    _check_layer(q, w, hessian, block_size, damp, contract)
     traced = _tracing(w, hessian, damp)
     if not traced:
         _check_hessian(hessian, "gptq_layer")
@@ -201,7 +211,7 @@ def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: in
             warnings.warn("gptq_layer: the Hessian is 0 everywhere (no calibration input): rounded to "
                           "nearest (RTN) instead", stacklevel=2)
     solver = _gptq_nested if traced else _gptq_top
-    qa, ok = solver(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order)
+    qa, ok = solver(q, w, hessian, jnp.asarray(damp, jnp.float32), block_size, act_order, contract)
     if not traced and not bool(ok):
         raise ValueError(f"gptq_layer: the dampened Hessian is not positive definite (Cholesky gave "
                          f"non-finite values) with damp={float(damp)}; allowed: a larger damp, e.g. 0.1")
@@ -262,9 +272,10 @@ def gptq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
     params = view.params
     for layer in layers:
         w = weight(params, layer)
-        if layer.contract != 1 or w.ndim != 2:
-            raise ValueError(f"gptq: {layer.name} is not a Dense (in, out) kernel (shape {w.shape}); "
-                             "allowed: 2-D kernels of Dense-like modules (exclude the others by rule)")
+        if layer.contract < 1 or w.ndim <= layer.contract:
+            raise ValueError(f"gptq: {layer.name} (shape {w.shape}) is not contracted as a (*K, *F) kernel "
+                             "against its input's trailing axes; allowed: Dense-like kernels (Dense, "
+                             "DenseGeneral, Linear, x . w einsums; exclude the others by rule)")
     stages: dict[Path, list[Layer]] = {}
     for layer in layers:
         stages.setdefault(_stage(layer) if sequential else (), []).append(layer)
@@ -287,7 +298,8 @@ def gptq(model, variables: Mapping | None, rules, batches: Sequence[Mapping], *,
             try:
                 _check_hessian(h, f"layer {layer.name}")
                 qarrays[layer.path] = gptq_layer(layer.quantizer, w, _mean_hessian(h, count),
-                                                 block_size=block_size, damp=damp, act_order=act_order)
+                                                 block_size=block_size, damp=damp, act_order=act_order,
+                                                 contract=layer.contract)
             except ValueError as err:
                 raise ValueError(f"gptq: layer {layer.name}: {err}") from None
     return view.frozen(qarrays)
