@@ -2,6 +2,14 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# XLA's CPU backend at -O0 compiles faster, and the suite is mostly the compilation of small
+# programs (tests/test_mx.py: 46 s -> 35 s of CPU time, -24%). Results stay what XLA promises; no test
+# compares bits across optimization levels. QJAX_TEST_XLA_OPT=1 keeps XLA's default. Set before any
+# computation: XLA reads its flags when the backend starts; subprocesses inherit them.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if os.environ.get("QJAX_TEST_XLA_OPT") != "1" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 settings.register_profile(
     "qjax",
     deadline=None,

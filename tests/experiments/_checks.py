@@ -21,7 +21,8 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 def quick_env() -> dict[str, str]:
     """Environment for a quick-mode subprocess or notebook kernel: the repo importable, fast compilation."""
-    flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), FAST_COMPILE) if f)
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = flags if FAST_COMPILE in flags else f"{flags} {FAST_COMPILE}".strip()
     return {"PYTHONPATH": str(REPO_ROOT), "XLA_FLAGS": flags, "QJAX_QUICK": "1"}
 
 
