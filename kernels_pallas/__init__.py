@@ -6,6 +6,9 @@
   ``(K / group_size, N)`` float scales, float32 accumulation (:mod:`kernels_pallas.weight_only`).
 - :func:`int8_matmul` / :func:`int8_dot`: W8A8, int8 activation codes times int8 weight codes with exact
   int32 accumulation and per-token activation scales (:mod:`kernels_pallas.w8a8`).
+- :func:`packed_int_matmul`: int8 activation codes times packed low-bit weight codes (the layout of
+  :func:`packed_matmul`), exact int32 sums inside each weight group, per-token or per-tensor activation
+  scales (W8A8, W4A8, W4A4, ...; the same kernel, :mod:`kernels_pallas.w8a8`).
 - :func:`hadamard_transform`: the normalized fast Walsh-Hadamard transform ``x H_n / sqrt(n)`` on the last
   axis, ``n`` a power of two, the rotation of QuaRot / QuIP# (:mod:`kernels_pallas.hadamard`).
 
@@ -30,15 +33,18 @@ from kernels_pallas.backends import BACKENDS, KernelFallbackWarning
 from kernels_pallas.hadamard import hadamard_transform
 from kernels_pallas.reference import (
     dequantize_packed,
+    group_term,
     hadamard_transform_xla,
     int8_dot_xla,
+    packed_int_matmul_xla,
     packed_matmul_xla,
 )
-from kernels_pallas.w8a8 import int8_dot_pallas
+from kernels_pallas.w8a8 import int8_dot_pallas, packed_int_matmul_pallas
 from kernels_pallas.weight_only import packed_matmul_pallas
 
 __all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "hadamard_transform",
-           "hadamard_transform_xla", "int8_dot", "int8_matmul", "packed_matmul", "packed_matmul_xla"]
+           "hadamard_transform_xla", "int8_dot", "int8_matmul", "packed_int_matmul", "packed_int_matmul_xla",
+           "packed_matmul", "packed_matmul_xla"]
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
@@ -64,39 +70,103 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
     if not isinstance(signed, bool | np.bool_):
         raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
     x, w_packed = _array(x, "x"), _array(w_packed, "w_packed")
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
+                         "(float32, bfloat16, float16)")
     scales, zero_point, group_size = _check_packed_operands(
-        x, w_packed, _array(scales, "scales"), _array(zero_point, "zero_point"), bits, group_size)
+        x.shape[-1], w_packed, _array(scales, "scales"), _array(zero_point, "zero_point"), bits, group_size)
     backend = backends.resolve(backend)
     if x.shape[-1] == 0:  # an empty sum
         return jnp.zeros((*x.shape[:-1], w_packed.shape[1]), jnp.float32)
     if backend == "xla":
         return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
                                  zero_point=zero_point, signed=signed)
-    reference = functools.partial(packed_matmul_xla, bits=bits, group_size=group_size, signed=signed)
-    kernel = functools.partial(packed_matmul_pallas, bits=bits, signed=bool(signed),
+    options = dict(bits=bits, signed=bool(signed))
+
+    def reference(x, w_packed, scales, zero_point):
+        return packed_matmul_xla(x, w_packed, scales, zero_point=zero_point, group_size=group_size, **options)
+
+    def kernel(x, w_packed, scales, zero_point):
+        return packed_matmul_pallas(x, w_packed, scales, zero_point=zero_point, **options,
+                                    **backends.kernel_options(backend))
+
+    return _with_reference_vjp(kernel, reference, x, w_packed, scales, zero_point)
+
+
+def packed_int_matmul(x_codes: jax.Array, x_scale: jax.Array, w_packed: jax.Array, w_scales: jax.Array, *,
+                      bits: int, group_size: int | None = None, zero_point: jax.Array | None = None,
+                      signed: bool = True, backend: str = "auto") -> jax.Array:
+    """``y[..., n] = s_x[...] * sum_g s_w[g, n] * (acc_g[..., n] - z[g, n] * r_g[...])``, float32
+    ``(..., N)``, with ``acc_g = sum_{k in g} x[..., k] * c[k, n]`` summed exactly in int32 and
+    ``r_g = sum_{k in g} x[..., k]`` (the zero-point term: ``sum_k x_k (c_k - z) = acc - z r``),
+    ``g(k) = k // group_size``.
+
+    ``x_codes``: int8 activation codes ``(..., K)`` (int8, int4, ..., ternary or binary ones, as
+    :func:`qjax.quantize` gives them); ``x_scale``: float, ``(..., 1)`` one per token or a single value
+    (``()``, ``(1,)``, ``(1, 1)``...) per tensor. ``w_packed``, ``w_scales``, ``zero_point``, ``group_size``,
+    ``bits`` and ``signed``: the packed weight, as for :func:`packed_matmul`. It equals
+    ``packed_matmul(x_codes * x_scale, ...)`` up to float rounding, without a float activation or weight in
+    the product: the integer GEMM of W8A8 (Dettmers et al., "LLM.int8()", 2022; Xiao et al., "SmoothQuant",
+    2023), W4A8 (Lin et al., "QServe: W4A8KV4 Quantization and System Co-design", 2024) and W4A4 with group
+    scales (Ashkboos et al., "QuaRot", 2024; Zhao et al., "Atom: Low-bit Quantization for Efficient and
+    Accurate LLM Serving", MLSys 2024). The sums are exact while ``K * 2^14 < 2^31`` (``K < 2^17``; unsigned
+    8-bit codes are read as ``c - 128`` with ``z - 128``). ``K = 0`` gives zeros. A NaN scale (the mark
+    :func:`qjax.quantize` gives a token holding NaN or Inf) makes that token's outputs NaN. Bad arguments
+    raise ``ValueError`` here, before any backend runs (also under ``jit``). Differentiable in the scales
+    and the zero point (the Pallas backends by the reference's backward).
+    """
+    if layout._as_int(bits) not in layout.PACK_BITS:
+        raise ValueError(f"bits={bits!r} has no packed integer matmul; allowed: {layout.PACK_BITS}")
+    bits = layout._as_int(bits)
+    if not isinstance(signed, bool | np.bool_):
+        raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
+    x_codes, x_scale = _array(x_codes, "x_codes"), _array(x_scale, "x_scale")
+    if x_codes.ndim < 1 or x_codes.dtype != jnp.int8:
+        raise ValueError(f"x_codes of shape {x_codes.shape} and dtype {x_codes.dtype}; allowed: int8 codes "
+                         "(..., K) (the codes of qjax.quantize with an integer format of at most 8 bits)")
+    x_scale = _token_scales(x_scale, x_codes.shape)
+    w_scales, zero_point, group_size = _check_packed_operands(
+        x_codes.shape[-1], _array(w_packed, "w_packed"), _array(w_scales, "w_scales"),
+        _array(zero_point, "zero_point"), bits, group_size, "w_scales")
+    backend = backends.resolve(backend)
+    if x_codes.shape[-1] == 0:  # an empty sum
+        return jnp.zeros((*x_codes.shape[:-1], w_packed.shape[1]), jnp.float32)
+    reference = functools.partial(packed_int_matmul_xla, bits=bits, signed=bool(signed))
+    if backend == "xla":
+        return reference(x_codes, x_scale, w_packed, w_scales, zero_point)
+    kernel = functools.partial(packed_int_matmul_pallas, bits=bits, signed=bool(signed),
                                **backends.kernel_options(backend))
-    return _kernel_with_reference_vjp(kernel, reference, x, w_packed, scales, zero_point)
+    return _with_reference_vjp(kernel, reference, x_codes, x_scale, w_packed, w_scales, zero_point)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_with_reference_vjp(kernel, reference, x, w_packed, scales, zero_point):
-    """The kernel forward; the backward of the reference (``d/dx``, ``d/dscales``, ``d/dzero_point``; the
-    integer words get a zero cotangent), so ``jax.grad`` works through the Pallas backends too."""
-    return kernel(x, w_packed, scales, zero_point=zero_point)
+def _with_reference_vjp(kernel, reference, *args):
+    """``kernel(*args)`` forward; the backward of ``reference(*args)`` for the float arguments (activations,
+    scales, zero points; integer codes and words get a zero cotangent), so ``jax.grad`` works through the
+    Pallas backends too."""
+    return kernel(*args)
 
 
-def _kernel_fwd(kernel, reference, x, w_packed, scales, zero_point):
-    return kernel(x, w_packed, scales, zero_point=zero_point), (x, w_packed, scales, zero_point)
+def _kernel_fwd(kernel, reference, *args):
+    return kernel(*args), args
 
 
-def _kernel_bwd(kernel, reference, residuals, g):
-    x, w_packed, scales, zero_point = residuals
-    _, vjp = jax.vjp(lambda x, s, z: reference(x, w_packed, s, zero_point=z), x, scales, zero_point)
-    dx, ds, dz = vjp(g)
-    return dx, np.zeros(w_packed.shape, jax.dtypes.float0), ds, dz
+def _kernel_bwd(kernel, reference, args, g):
+    floats = [i for i, a in enumerate(args) if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)]
+
+    def at(*values):
+        full = list(args)
+        for i, v in zip(floats, values, strict=True):
+            full[i] = v
+        return reference(*full)
+
+    _, vjp = jax.vjp(at, *(args[i] for i in floats))
+    grads = dict(zip(floats, vjp(g), strict=True))
+    return tuple(grads[i] if i in grads else None if a is None else np.zeros(a.shape, jax.dtypes.float0)
+                 for i, a in enumerate(args))
 
 
-_kernel_with_reference_vjp.defvjp(_kernel_fwd, _kernel_bwd)
+_with_reference_vjp.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def int8_dot(x_codes: jax.Array, w_codes: jax.Array, *, backend: str = "auto") -> jax.Array:
@@ -114,7 +184,8 @@ def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_s
 
     ``x_codes (..., K)`` int8 with per-token scales ``x_scales (..., 1)``; ``w_codes (K, N)`` int8 with
     per-channel scales ``w_scales (1, N)`` or ``(N,)``. The integer sum is exact (:func:`int8_dot`); the
-    scales multiply afterwards (Dettmers et al., "LLM.int8()", 2022; Xiao et al., "SmoothQuant", 2023).
+    scales multiply afterwards (Dettmers et al., "LLM.int8()", 2022; Xiao et al., "SmoothQuant", 2023), by the
+    epilogue of :func:`packed_int_matmul` (the one-group case of its formula, for unpacked int8 weights).
     """
     x_codes, x_scales = _array(x_codes, "x_codes"), _array(x_scales, "x_scales")
     w_codes, w_scales = _array(w_codes, "w_codes"), _array(w_scales, "w_scales")
@@ -130,7 +201,7 @@ def int8_matmul(x_codes: jax.Array, x_scales: jax.Array, w_codes: jax.Array, w_s
         raise ValueError(f"w_scales of shape {w_scales.shape} do not fit w_codes {w_codes.shape}; "
                          f"allowed: (1, {n}) or ({n},) (one scale per output channel)")
     acc = int8_dot(x_codes, w_codes, backend=backend)
-    return acc.astype(jnp.float32) * x_scales.astype(jnp.float32) * w_scales.reshape(-1).astype(jnp.float32)
+    return x_scales.astype(jnp.float32) * group_term(acc, w_scales.reshape(n))
 
 
 def _array(value, name: str):
@@ -140,12 +211,23 @@ def _array(value, name: str):
     raise TypeError(f"{name} is a {type(value).__name__}; allowed: an array (jax.Array or numpy.ndarray)")
 
 
-def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_size: int | None):
-    """Checked ``(scales, zero_point, group_size)``, the scales (and zero point) as ``(G, N)`` matrices."""
-    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
-                         "(float32, bfloat16, float16)")
-    k = x.shape[-1]
+def _token_scales(x_scale, shape: tuple[int, ...]):
+    """``x_scale`` as ``(..., 1)`` (one per token) or ``()`` (per tensor) for codes of ``shape``."""
+    lead = shape[:-1]
+    if not jnp.issubdtype(x_scale.dtype, jnp.floating):
+        raise ValueError(f"x_scale of dtype {x_scale.dtype}; allowed: a float dtype (float32)")
+    if x_scale.shape == (*lead, 1):
+        return x_scale
+    if x_scale.size == 1 and x_scale.ndim <= len(shape):
+        return x_scale.reshape(())
+    raise ValueError(f"x_scale of shape {x_scale.shape} does not fit x_codes {shape}; allowed: "
+                     f"{(*lead, 1)} (one scale per token) or one value ((), (1,), ...) per tensor")
+
+
+def _check_packed_operands(k: int, w_packed, scales, zero_point, bits: int, group_size: int | None,
+                           scales_name: str = "scales"):
+    """Checked ``(scales, zero_point, group_size)`` for ``K = k``, the scales (and zero point) as ``(G, N)``
+    matrices."""
     words = layout.packed_size(k, bits)
     if w_packed.dtype != jnp.uint32 or w_packed.ndim != 2 or w_packed.shape[0] != words:
         raise ValueError(f"w_packed of shape {w_packed.shape} and dtype {w_packed.dtype} does not hold "
@@ -158,7 +240,7 @@ def _check_packed_operands(x, w_packed, scales, zero_point, bits: int, group_siz
             raise ValueError(f"group_size={group_size!r} does not divide K={k}; allowed: None or one of "
                              f"{[d for d in range(1, k + 1) if k % d == 0]}")
         group_size = size
-    scales = _matrix(scales, "scales", k, n, group_size)
+    scales = _matrix(scales, scales_name, k, n, group_size)
     if zero_point is not None:
         zero_point = _matrix(zero_point, "zero_point", k, n, group_size)
         if zero_point.shape != scales.shape:

@@ -40,12 +40,13 @@ from qjax.machine import PRODUCTS, resolve_product
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, quantize
 from qjax.rules import Rule
-from qjax.serving import frozen_matmul, pack_for_serving, packed_layout
+from qjax.serving import frozen_int_matmul, frozen_matmul, integer_input, pack_for_serving, packed_layout
 
-FLOAT, FAKE_QUANT, AT_MODULE, INT8, FUSED_FLOAT, PACKED, DEQUANTIZED = (
+FLOAT, FAKE_QUANT, AT_MODULE, INT8, FUSED_FLOAT, PACKED, PACKED_INT, DEQUANTIZED = (
     "float", "fake-quant float", "fake-quant float (at the module)", "int8 dot_general",
-    "fused fake-quant float", "packed matmul", "dequantized float")
+    "fused fake-quant float", "packed matmul", "packed integer matmul", "dequantized float")
 FUSED_PATHS = (INT8, FUSED_FLOAT)  # one custom-VJP op for the quantized contraction (qjax.int_matmul)
+FROZEN_PATHS = (PACKED, PACKED_INT)  # a frozen (K, N) weight on a packed kernel (qjax.serving)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +136,16 @@ def execution_path(entry: ModuleEntry | None, hparams: Mapping, settings: Settin
     """How a module's weight contraction runs: ``float`` (no weight quantizer), ``int8 dot_general`` or
     ``fused fake-quant float`` (one custom-VJP op, :func:`qjax.int_matmul.qat_matmul`, product from
     ``settings``), ``fake-quant float``, ``fake-quant float (at the module)`` (a weight no interceptable op
-    contracts, e.g. ``x @ w``), ``packed matmul`` or ``dequantized float`` (frozen ``frozen``)."""
+    contracts, e.g. ``x @ w``), ``packed matmul``, ``packed integer matmul`` (its input quantized to integer
+    codes too, :func:`qjax.serving.integer_input`) or ``dequantized float`` (frozen ``frozen``)."""
     if entry is None or not entry.weights:
         return FLOAT
     use = entry.use(entry.weights[0])
     if frozen is not None:
         packed = use is not None and use.op == "dot_general" and use.contract == 1
-        return PACKED if packed and packed_layout(frozen) is not None else DEQUANTIZED
+        if not packed or packed_layout(frozen) is None:
+            return DEQUANTIZED
+        return PACKED_INT if integer_input(entry.rule.input, hparams) else PACKED
     if not entry.intercepted:
         return AT_MODULE
     rule = entry.rule
@@ -266,7 +270,8 @@ class Call:
             return original(*args, **kwargs)
         path = execution_path(self.entry, self.hparams, self.settings, weight.frozen,
                               None if weight.raw is None else jnp.ndim(weight.raw))
-        if path in (PACKED, *FUSED_PATHS) and contract == (1 if path == PACKED else self.entry.contract):
+        if path in (*FROZEN_PATHS, *FUSED_PATHS) and contract == (1 if path in FROZEN_PATHS
+                                                                 else self.entry.contract):
             return self._fused(path, args, kwargs, weight, contract)
         args = list(args)
         if weight.frozen is None:
@@ -282,13 +287,17 @@ class Call:
         return original(*args, **kwargs)
 
     def _fused(self, path: str, args, kwargs, weight: Weight, contract: int):
-        """``x . w`` as one op: the packed matmul of a frozen weight, or the fused QAT matmul."""
+        """``x . w`` as one op: the packed (integer) matmul of a frozen weight, or the fused QAT matmul."""
         x, w = args[0], args[1]
         dtype = kwargs.get("preferred_element_type") or (args[5] if len(args) > 5 else None) \
             or jnp.result_type(x, w)
         x = transform_input(self.input_transform, x, self.settings.backend)
         rule = self.rule
-        if path == PACKED:
+        if path == PACKED_INT and jnp.issubdtype(x.dtype, jnp.floating):
+            y = frozen_int_matmul(x, weight.frozen, rule.input, self.input_scale, self.hparams,
+                                  self.settings.backend)
+            return y.astype(dtype)
+        if path in FROZEN_PATHS:
             if rule.input is not None:
                 x = qat.quantize_input(rule.input, x, self.input_scale, self.hparams)
             return frozen_matmul(x, weight.frozen, self.settings.backend).astype(dtype)

@@ -215,6 +215,9 @@ def test_freeze_gives_qat_codes_and_outputs(name, monkeypatch):
     calls = []
     original = kernels_pallas.packed_matmul
     monkeypatch.setattr(kernels_pallas, "packed_matmul", lambda *a, **k: calls.append(1) or original(*a, **k))
+    integer = kernels_pallas.packed_int_matmul  # layers with integer inputs: the packed integer matmul
+    monkeypatch.setattr(kernels_pallas, "packed_int_matmul",
+                        lambda *a, **k: calls.append(1) or integer(*a, **k))
     y_qat = qmodel.apply(variables, X)
     y_frozen = jax.jit(qmodel.apply)(frozen, X)
     np.testing.assert_allclose(y_frozen, y_qat, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y_qat))))
@@ -253,7 +256,7 @@ def test_execution_paths_for_attention_projections():
     frozen = ql.freeze(qmodel, variables, tokens)
     frozen_paths = ql.quantize_model(Transformer(), rules).paths(frozen, tokens)
     assert frozen_paths["block_0/attention/out"] == ql.DEQUANTIZED
-    assert frozen_paths["block_0/attention/query"] == ql.PACKED
+    assert frozen_paths["block_0/attention/query"] == "packed integer matmul"  # qjax.core.PACKED_INT
 
 
 def test_frozen_conv_bytes_follow_the_bit_width():

@@ -44,11 +44,13 @@ class NnxMLP(nnx.Module):
 
 
 def per_backend(forward, monkeypatch) -> dict[str, jax.Array]:
-    """``forward(backend)`` for each backend, counting the Pallas kernel calls of each."""
+    """``forward(backend)`` for each backend, counting the Pallas kernel calls of each (layer_0, W4A8, on the
+    packed integer kernel; the others on the weight-only one)."""
     calls = []
-    original = kernels_pallas.packed_matmul_pallas
-    monkeypatch.setattr(kernels_pallas, "packed_matmul_pallas",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("packed_matmul_pallas", "packed_int_matmul_pallas"):
+        original = getattr(kernels_pallas, name)
+        monkeypatch.setattr(kernels_pallas, name,
+                            lambda *a, original=original, **k: calls.append(1) or original(*a, **k))
     outputs = {}
     for backend in ("xla", "interpret"):
         outputs[backend] = forward(backend)
