@@ -19,18 +19,28 @@ variables (Linen) or a float ``nnx.Module`` (NNX). ``calibrate``, ``hessians`` a
 return statistics; ``input_scales`` returns the variables (Linen) or the model quantized in place (NNX)
 with the calibrated input scales. Inputs are captured at each weight contraction through qjax's op-level
 interception (:mod:`qjax.ptq.capture`).
+
+``rotate_residual(model, variables, layout, key=...)`` (:mod:`qjax.ptq.residual_rotation`) runs before a
+method: QuaRot's offline rotation of a pre-RMSNorm decoder's residual stream, folded into the float weights
+(:class:`ResidualLayout` says which parameters read and write the stream; :data:`LLAMA_LAYOUT` for Tunix's
+Llama 3 / Qwen 2 / Qwen 3); it returns the rotated float variables (Linen) or rotates the model in place
+(NNX).
 """
 
 from qjax.ptq.calibration import Range, calibrate, input_scales
 from qjax.ptq.capture import input_statistics
 from qjax.ptq.distill import first_output, mse, teacher_targets
+from qjax.ptq.folding import InputGroup, SmoothingPlan
 from qjax.ptq.gptq import gptq, gptq_layer, hessians
 from qjax.ptq.layers import Layer, frozen_variables, quantized_layers
 from qjax.ptq.pv import pv_tuning, requantize_subspace, top_tau_mask
+from qjax.ptq.residual_rotation import LLAMA_LAYOUT, ResidualLayout, rotate_residual
 from qjax.ptq.rtn import rtn
-from qjax.ptq.smoothing import awq, hadamard, smoothquant
+from qjax.ptq.smoothing import awq, hadamard, smoothing_plan, smoothquant
 from qjax.ptq.ste import ste_finetune
 
-__all__ = ["Layer", "Range", "awq", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer",
-           "hadamard", "hessians", "input_scales", "input_statistics", "mse", "pv_tuning", "quantized_layers",
-           "requantize_subspace", "rtn", "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]
+__all__ = ["LLAMA_LAYOUT", "InputGroup", "Layer", "Range", "ResidualLayout", "SmoothingPlan", "awq",
+           "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer", "hadamard", "hessians",
+           "input_scales", "input_statistics", "mse", "pv_tuning", "quantized_layers", "requantize_subspace",
+           "rotate_residual", "rtn", "smoothing_plan", "smoothquant", "ste_finetune", "teacher_targets",
+           "top_tau_mask"]

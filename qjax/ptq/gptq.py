@@ -37,6 +37,8 @@ import numpy as np
 
 from qjax.granularity import PerChannel, PerGroup, PerTensor
 from qjax.ptq.capture import capture_fn, input_statistics, statistics
+from qjax.ptq.hessian import check_hessian as _check_hessian
+from qjax.ptq.hessian import mean_hessian as _mean_hessian
 from qjax.ptq.layers import Layer, Path, check_batches, check_token_mask, dequantized_params, weight
 from qjax.ptq.model import model_view
 from qjax.qarray import QArray
@@ -51,11 +53,6 @@ def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     """``(2 X^T diag(mask) X, sum(mask))`` of one batch's input rows (sums over batches; divide last)."""
     rows = jnp.where(mask[:, None] > 0, rows, 0.0)  # padding left out by where: a NaN there stays out
     return 2.0 * (rows * mask[:, None]).T @ rows, jnp.sum(mask)
-
-
-def _mean_hessian(h: jax.Array, count: jax.Array) -> jax.Array:
-    """``H / n``: a summed :func:`hessian_stat` divided by its row count (0 rows: left as summed)."""
-    return h / jnp.maximum(count, 1.0)
 
 
 def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int, damp, contract: int = 1):
@@ -216,13 +213,6 @@ def gptq_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, *, block_size: in
         raise ValueError(f"gptq_layer: the dampened Hessian is not positive definite (Cholesky gave "
                          f"non-finite values) with damp={float(damp)}; allowed: a larger damp, e.g. 0.1")
     return qa
-
-
-def _check_hessian(hessian, who: str) -> None:
-    h = np.asarray(hessian)
-    if not np.all(np.isfinite(h)):
-        raise ValueError(f"{who}: the Hessian holds {np.count_nonzero(~np.isfinite(h))} NaN/inf entries (the "
-                         "calibration inputs hold NaN or inf); allowed: a finite Hessian from finite inputs")
 
 
 def _stage(layer: Layer) -> Path:

@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from qjax import PerChannel, PerGroup, PerToken, Quantizer, Rule, dequantize, fake_quant, ptq
 from qjax import linen as ql
 from qjax import nnx as qn
-from qjax.input_transform import DIVISOR, transform_input, transform_weight
+from qjax.input_transform import DIVISOR, SIGNS, transform_input, transform_weight
+from qjax.ptq import smoothing
+from qjax.ptq.layers import weight, with_weights
+from tests.clients.models import tokens, tunix_llama3
 from tests.ptq.conftest import TokenMLP, make_batches
 from tests.ptq.test_nnx_ptq import NAMES, nnx_copy, run_linen, run_nnx
 
@@ -71,7 +75,7 @@ def test_frozen_model_divides_its_inputs_in_the_core(outliers):
         if i < 2:
             h = jax.nn.gelu(h)
     np.testing.assert_allclose(run_linen(model, W8A8, frozen, b), h, rtol=2e-4, atol=2e-4)
-    assert ql.quantize_model(model, W8A8).paths(frozen, **b)["dense_0"] == ql.PACKED
+    assert ql.quantize_model(model, W8A8).paths(frozen, **b)["dense_0"].startswith("packed")
 
 
 def test_smoothquant_formula_and_w8a8_gain(outliers):
@@ -128,8 +132,6 @@ def test_a_transformed_model_is_no_start_and_bad_arguments_are_named(outliers):
 
 
 def test_hadamard_rotation_is_exact_in_float_and_beats_rtn_on_outliers(outliers):
-    from qjax.input_transform import SIGNS
-
     model, variables, batches = outliers
     key = jax.random.key(3)
     # exact in float: (x R)(R^T W) = x W through the frozen model's transform path, 8-bit weights and inputs
@@ -147,3 +149,131 @@ def test_hadamard_rotation_is_exact_in_float_and_beats_rtn_on_outliers(outliers)
     e_gptq = output_error(model, FIRST_W8A8, ptq.hadamard(model, variables, FIRST_W8A8, batches, key=key),
                           variables, batches)
     assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+# --- einsum (N-d) layers: Tunix's Llama3 ----------------------------------------------------------------
+
+LLAMA_W4A8 = [Rule(r"layers/.*", weight=Quantizer("int4", PerChannel(-1)),
+                   input=Quantizer("int8", PerToken(-1)), weight_names=("kernel", "w"), name="w4a8")]
+
+
+def recorded_finish(monkeypatch) -> list:
+    """Record every call of the smoothing methods' last step: the view, the layers, the float params (folded
+    producers included), each layer's transform and the transforms stored on the modules."""
+    calls = []
+    original = smoothing._finish
+
+    def spy(view, layers, params, transforms, method, hess, stored=None, new_params=False):
+        calls.append((view, layers, params, transforms, transforms if stored is None else stored))
+        return original(view, layers, params, transforms, method, hess, stored, new_params)
+
+    monkeypatch.setattr(smoothing, "_finish", spy)
+    return calls
+
+
+def float_transformed(call, batch):
+    """The outputs of the float model as a method transformed it: each quantized weight ``T(W)`` in float
+    (``R^T diag(s) W``), the folded producers, and the stored input transforms applied by the core with
+    quantization switched off (``enabled=0``). Exact transforms give the float model's outputs."""
+    view, layers, params, transforms, stored = call
+    params = with_weights(params, {layer.path: transform_weight(transforms.get(layer.module) or {},
+                                                                 weight(params, layer)) for layer in layers})
+    stored = {module: t for module, t in stored.items() if t}
+    off = {"enabled": jnp.zeros((), jnp.float32)}
+    if view.front_end == "nnx":
+        model = nnx.merge(view.graphdef, params, view.rest)
+        qn.quantize_model(model, view.rules, hparams={"enabled": 0.0}, **batch)
+        modules = {"/".join(str(p) for p in path): m for path, m in nnx.iter_modules(model)}
+        for module, t in stored.items():
+            setattr(modules["/".join(module)], qn.INPUT_TRANSFORM, qn.InputTransform(dict(t)))
+        return nnx.jit(lambda m, b: m(**b))(model, batch)
+    quant = {}
+    for module, t in stored.items():
+        quant = ql.set_path(quant, (*module, ql.TRANSFORM_KEY), dict(t))
+    run = jax.jit(lambda v, b: view.qmodel.apply(v, **b, hparams=off))
+    return run({**view.rest, "params": params, "quant": quant}, batch)
+
+
+def assert_same_outputs(got, want, rtol=1e-5):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert float(jnp.max(jnp.abs(g - w))) <= rtol * float(jnp.max(jnp.abs(w))), \
+            (float(jnp.max(jnp.abs(g - w))), float(jnp.max(jnp.abs(w))))
+
+
+def llama_batches():
+    client = tunix_llama3()
+    return client, [{**client.inputs, "input_tokens": tokens(seed=s)} for s in range(2)]
+
+
+def logits_error(client, model, batches, ref):
+    run = nnx.jit(client.forward)
+    return sum(float(jnp.sum((run(model, b) - r) ** 2)) for b, r in zip(batches, ref, strict=True))
+
+
+@pytest.fixture(scope="module")
+def llama_runs():
+    """RTN, SmoothQuant (folded where exact) and AWQ (explicit divides) of Tunix's Llama3 at W4A8:
+    ``{name: (frozen model, logits error on the calibration batches, the recorded last step)}``, the
+    batches and the float logits."""
+    client, batches = llama_batches()
+    ref = [nnx.jit(client.forward)(client.model, b) for b in batches]
+    methods = {"rtn": lambda m: ptq.rtn(m, None, LLAMA_W4A8, batches[0]),
+               "smoothquant": lambda m: ptq.smoothquant(m, None, LLAMA_W4A8, batches),
+               "awq": lambda m: ptq.awq(m, None, LLAMA_W4A8, batches, fold="never")}
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        calls = recorded_finish(mp)
+        for name, run in methods.items():
+            model = run(nnx.clone(client.model))
+            last = calls[-1] if name != "rtn" else None
+            runs[name] = (model, logits_error(client, model, batches, ref), last)
+    return {"client": client, "batches": batches, "ref": ref, "runs": runs}
+
+
+def test_smoothing_freezes_the_einsum_layers_of_llama3(llama_runs):
+    for name in ("smoothquant", "awq"):
+        model, error, _ = llama_runs["runs"][name]
+        attn = model.layers[0].attn
+        for layer in (attn.q_proj, attn.o_proj, model.layers[1].mlp.down_proj):
+            w = layer.w if hasattr(layer, "w") else layer.kernel
+            assert isinstance(w, qn.PackedWeight) and w.qarray.format == "int4", name
+        o = getattr(attn.o_proj, qn.INPUT_TRANSFORM).get_value()[DIVISOR]  # o_proj contracts (N, H) = (4, 8)
+        assert o.shape == (4, 8) and bool(jnp.all(o > 0))
+        q = getattr(attn.q_proj, qn.INPUT_TRANSFORM, None)
+        if name == "smoothquant":
+            assert q is None  # folded into the attention norm (tests/ptq/test_folding.py)
+        else:
+            assert q.get_value()[DIVISOR].shape == (32,)
+        assert np.isfinite(error)
+    # the float model with the transformed weights, the folded norms and the stored (4, 8) divisors
+    call = llama_runs["runs"]["smoothquant"][2]
+    assert_same_outputs(float_transformed(call, llama_runs["batches"][0]), llama_runs["ref"][0])
+
+
+def test_w4a8_errors_on_llama3(llama_runs):
+    # AWQ's search includes a = 0 (plain rounding) and its paper claims low-bit weights: better than RTN
+    # (282 vs 357 here). Not asserted, as their claims do not cover this model: SmoothQuant at a = 0.5 (400;
+    # the paper's claim is W8A8, where it gives 2.2 vs RTN's 2.9) and the rotation with RTN (375: the tiny
+    # model's random weights and inputs have no outlier channels to spread; with GPTQ it gives 113).
+    e = {name: run[1] for name, run in llama_runs["runs"].items()}
+    assert e["awq"] < e["rtn"], e
+
+
+def test_hadamard_rotates_the_chosen_einsum_layers_of_llama3(llama_runs, monkeypatch):
+    client, batches = llama_runs["client"], llama_runs["batches"]
+    calls = recorded_finish(monkeypatch)
+    model = ptq.hadamard(nnx.clone(client.model), None, LLAMA_W4A8, batches[:1], key=jax.random.key(1),
+                         method="rtn", paths=r"layers/\d+/attn/(o|q)_proj")
+    for i in range(2):
+        attn, mlp = model.layers[i].attn, model.layers[i].mlp
+        for layer in (attn.o_proj, attn.q_proj):  # o_proj: over (N, H) flattened, 4 * 8 channels
+            signs = getattr(layer, qn.INPUT_TRANSFORM).get_value()[SIGNS]
+            assert signs.shape == (32,) and set(np.unique(np.asarray(signs))) <= {-1.0, 1.0}
+        for layer in (attn.k_proj, attn.v_proj, mlp.up_proj, mlp.down_proj):
+            assert not hasattr(layer, qn.INPUT_TRANSFORM)
+            assert isinstance(layer.w if hasattr(layer, "w") else layer.kernel, qn.PackedWeight)
+    assert_same_outputs(float_transformed(calls[-1], batches[0]), llama_runs["ref"][0])
+    with pytest.raises(ValueError, match=r"paths='mlp' matches none of the quantized modules"):
+        ptq.hadamard(client.model, None, LLAMA_W4A8, batches[:1], key=jax.random.key(1), paths="mlp")
+    with pytest.raises(ValueError, match=r"paths='\(' is not a regular expression"):
+        ptq.hadamard(client.model, None, LLAMA_W4A8, batches[:1], key=jax.random.key(1), paths="(")
