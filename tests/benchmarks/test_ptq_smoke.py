@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ptq.test_experiment import require_minilm
+from tests.ptq.minilm_checks import require_minilm
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.experiments._checks import REPO_ROOT, load_rows, quick_env, require_experiment_deps
-from tests.ptq.test_experiment import check_minilm_rows, require_minilm
+from tests.ptq.minilm_checks import check_minilm_rows, require_minilm
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,11 @@ def test_notebook_05_runs_top_to_bottom(tmp_path, monkeypatch):
                                      resources={"metadata": {"path": str(REPO_ROOT)}})
     client.execute()
     rows = load_rows(tmp_path, "ptq_minilm")
+    assert [(r["setting"], r["method"]) for r in rows] == [("fp32", "fp32")] + [
+        ("W2 g64", m) for m in ("rtn", "gptq", "ste", "pv")]
     check_minilm_rows(rows)
+    md = (tmp_path / "ptq_minilm.md").read_text()
+    assert "| setting | method | cosine to fp32 |" in md and "quick mode" in md
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "GPTQ output error" in outputs
+    assert "PV > STE > GPTQ > RTN" in outputs and "hold" in outputs  # the study's verdict line

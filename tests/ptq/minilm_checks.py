@@ -1,14 +1,11 @@
-"""``python -m experiments.ptq_minilm --quick`` on the real all-MiniLM-L6-v2 (skipped, saying how to
-install it, only where the model package is missing; ``.ci/run`` installs it)."""
+"""Checks of ``experiments.ptq_minilm --quick`` on the real all-MiniLM-L6-v2, shared by the tests that run it
+(``tests/ptq/test_notebook_05.py`` runs the study's ``main(["--quick"])`` inside the notebook: one quick
+run for both, to keep the suite inside CI's time). Skipped, saying how to install it, only where the model
+package is missing; ``.ci/run`` installs it."""
 
-import json
 import math
 
 import pytest
-
-from tests.experiments._checks import load_rows, require_experiment_deps, run_cli
-
-pytestmark = pytest.mark.slow
 
 
 def require_minilm() -> None:
@@ -29,17 +26,3 @@ def check_minilm_rows(rows: list[dict]) -> None:
         assert 2.0 < bits_per_weight < 3.1, bits_per_weight
         if row["method"] in ("ste", "pv"):
             assert math.isfinite(row["final_loss"]) and row["steps"] >= 1
-
-
-def test_ptq_minilm_quick(tmp_path):
-    require_experiment_deps()
-    require_minilm()
-    out = run_cli("experiments.ptq_minilm", tmp_path)
-    rows = load_rows(tmp_path, "ptq_minilm")
-    assert [(r["setting"], r["method"]) for r in rows] == [("fp32", "fp32")] + [
-        ("W2 g64", m) for m in ("rtn", "gptq", "ste", "pv")]
-    check_minilm_rows(rows)
-    assert "PV > STE > GPTQ > RTN" in out and "hold" in out
-    md = (tmp_path / "ptq_minilm.md").read_text()
-    assert "| setting | method | cosine to fp32 |" in md and "quick mode" in md
-    assert json.loads((tmp_path / "ptq_minilm.json").read_text()) == rows
