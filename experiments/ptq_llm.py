@@ -353,7 +353,10 @@ def qjax_rows(subject: Subject, config: Config, methods: Sequence[str], args, ba
     for method in methods:
         bar.set_postfix_str(f"{subject.name} {config.name} qjax {method}")
         start = time.perf_counter()
-        model, frozen, reason = run_qjax(subject, method, config, args, gptq_cache)
+        try:
+            model, frozen, reason = run_qjax(subject, method, config, args, gptq_cache)
+        except ValueError as err:  # a method that refuses the config (e.g. GPTQ of NVFP4's block scales)
+            model, frozen, reason = None, None, f"refused: {err}"
         jax.block_until_ready(frozen if frozen is not None else nnx.state(model) if model is not None else 0)
         seconds = time.perf_counter() - start
         row = {"model": subject.name, "config": config.name, "library": "qjax", "method": method}
@@ -520,6 +523,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minilm-eval", type=int, default=256)
     p.add_argument("--pv-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="JSON", help="rows of an interrupted run "
+                   "(ptq_llm.partial.json): its finished (model, config) pairs are kept, not rerun")
     add_run_options(p, "the quick decoder, W4 g128 and W4A8, rtn/gptq/rotation and Qwix's rtn")
     args = p.parse_args(argv)
     if args.quick:
@@ -549,16 +554,22 @@ def main(argv=None) -> list[dict]:
     makers = {"decoder": decoder_subject, "minilm": minilm_subject}
     subjects = [makers[m](args) for m in args.models]
     methods = [m for m in METHODS if m in args.methods]  # gptq before pv
-    rows = []
+    out = results_dir(args.results_dir)
+    partial = out / "ptq_llm.partial.json"  # every finished (model, config), so a crash loses nothing
+    rows = json.loads(Path(args.resume).read_text()) if args.resume else []
+    done = {(r["model"], r["config"]) for r in rows}
     total = len(subjects) * len(args.configs) * (len(methods) + len(args.qwix_methods))
     with tqdm(total=total, unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
         for s in subjects:
             for c in args.configs:
+                if (s.name, c) in done:
+                    bar.update(len(methods) + len(args.qwix_methods))
+                    continue
                 rows += qjax_rows(s, CONFIGS[c], methods, args, bar)
                 rows += qwix_rows(s, CONFIGS[c], args.qwix_methods, args, bar)
+                partial.write_text(json.dumps(rows, indent=1, default=str))
     seconds = time.perf_counter() - start
     said = verdicts(rows, subjects)
-    out = results_dir(args.results_dir)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "python": platform.python_version(), "jax": jax.__version__, "total_s": seconds,
                "quick": args.quick}
