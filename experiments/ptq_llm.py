@@ -568,6 +568,7 @@ def main(argv=None) -> list[dict]:
                 rows += qjax_rows(s, CONFIGS[c], methods, args, bar)
                 rows += qwix_rows(s, CONFIGS[c], args.qwix_methods, args, bar)
                 partial.write_text(json.dumps(rows, indent=1, default=str))
+    partial.unlink(missing_ok=True)  # the full report follows
     seconds = time.perf_counter() - start
     said = verdicts(rows, subjects)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
