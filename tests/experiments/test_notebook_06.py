@@ -1,5 +1,5 @@
 """``colab/06_llm_ptq.ipynb`` runs top to bottom in quick mode: the quick decoder, RTN / GPTQ / rotation +
-GPTQ at W4 g128 and W4A8, perplexities that are finite and near fp32's."""
+GPTQ at W4A8 (the full notebook adds W4 g128), perplexities that are finite and near fp32's."""
 
 import re
 
@@ -26,7 +26,7 @@ def test_notebook_06_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     fp32 = float(re.search(r"fp32 ([0-9.]+), unigram", outputs).group(1))
     found = re.findall(r"(W4 g128|W4A8)\s+(rtn|gptq|rotation \+ gptq): perplexity ([0-9.]+)", outputs)
-    assert len(found) == 6, outputs[-2000:]
+    assert len(found) == 3, outputs[-2000:]
     for setting, method, ppl in found:  # quantized: near fp32, not garbage (the quick model's fp32 is ~14)
         assert fp32 <= float(ppl) * 1.02 and float(ppl) < 1.5 * fp32, (setting, method, ppl, fp32)
     assert "quantized layers:" in outputs and "packed" in outputs
