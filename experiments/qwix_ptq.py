@@ -363,7 +363,9 @@ def known_limits(method: str, config: QwixConfig) -> tuple[list[str], str | None
     if method == "awq" and config.act is not None:
         caveats.append("AwqInferenceProvider dequantizes the AWQ weight and PtqProvider quantizes that float "
                        f"array again as an input ({config.act}, dynamic, per output channel): the weights "
-                       f"compute as {config.act}, not {config.weight}")
+                       f"are rounded twice, the AWQ scale is not folded into the inputs"
+                       + (f", and they compute as {config.act}, not {config.weight}"
+                          if config.act != config.weight else ""))
     return caveats, None
 
 
