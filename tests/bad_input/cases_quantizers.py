@@ -387,7 +387,8 @@ CASES = [
     # --- huge finite inputs never give NaN or inf (issue 12, point 7; Deliver 2) --------------------
     case("quantizers-huge-mean-abs-1e37", lambda: both(Quantizer("int8", PerTensor(), "mean_abs"),
                                                        jnp.full((64, 4), 1e37).at[0, 0].set(-1e37)),
-         Documented(_finite_close(jnp.full((64, 4), 1e37).at[0, 0].set(-1e37), 1e-6),
+         # a float32 sum of 256 terms: rounding up to n eps / 2 (XLA may order it either way), 1e-5
+         Documented(_finite_close(jnp.full((64, 4), 1e37).at[0, 0].set(-1e37), 1e-5),
                     doc="scales.mean_abs: sum(|x| 2^-k) / (n 2^-k), no overflow")),
     case("quantizers-huge-mean-abs-binary", lambda: both(FAMILIES["binary"], jnp.full((64, 4), 1e37)),
          Documented(_finite_close(jnp.full((64, 4), 1e37), 1e-6), doc="scales.mean_abs")),
