@@ -194,7 +194,7 @@ def forward_perplexity(forward: Callable[[jax.Array], jax.Array], sequences: np.
 def decoder_subject(args) -> Subject:
     """The trained Tunix Llama3 (:func:`experiments.decoder_lm.train_or_load`), its calibration windows
     from the training split, its held-out windows."""
-    from experiments import decoder_lm
+    from experiments import decoder_lm, llm_text
 
     name = "quick" if args.quick else "tiny"
     lm = decoder_lm.train_or_load(name, progress=not args.no_progress)
@@ -226,8 +226,7 @@ def decoder_subject(args) -> Subject:
     fp32 = perplexity(float_model)
     info = {"model": "tunix.models.llama3.Llama3", "config": name, "parameters":
             decoder_lm.parameter_count(float_model), "fp32_perplexity": fp32,
-            "unigram_perplexity": __import__("experiments.llm_text", fromlist=["x"]).unigram_perplexity(
-                lm.data.train, held[:, 1:]),
+            "unigram_perplexity": llm_text.unigram_perplexity(lm.data.train, held[:, 1:]),
             "eval_windows": len(held), "eval_tokens": int(held[:, 1:].size),
             "calib_windows": int(len(calib) * args.batch_size), "seq_len": config.seq_len,
             "from_cache": lm.info["from_cache"], **_nnx_bytes(float_model)}

@@ -47,6 +47,15 @@ __all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "hadamard_t
            "packed_matmul", "packed_matmul_xla"]
 
 
+def _check_bits_signed(bits, signed, what: str) -> int:
+    """``bits`` as an int of :data:`layout.PACK_BITS`, ``signed`` a bool; a clear error naming ``what``."""
+    if layout._as_int(bits) not in layout.PACK_BITS:
+        raise ValueError(f"bits={bits!r} has no {what}; allowed: {layout.PACK_BITS}")
+    if not isinstance(signed, bool | np.bool_):
+        raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
+    return layout._as_int(bits)
+
+
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
                   group_size: int | None = None, zero_point: jax.Array | None = None,
                   signed: bool = True, backend: str = "auto") -> jax.Array:
@@ -64,11 +73,7 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
     Weight-only low-bit matmuls at small batch are memory bound, so reading packed words instead of a
     float weight is the speedup (Frantar et al., "MARLIN", 2024; Park et al., "LUT-GEMM", ICLR 2024).
     """
-    if layout._as_int(bits) not in layout.PACK_BITS:
-        raise ValueError(f"bits={bits!r} has no packed matmul; allowed: {layout.PACK_BITS}")
-    bits = layout._as_int(bits)
-    if not isinstance(signed, bool | np.bool_):
-        raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
+    bits = _check_bits_signed(bits, signed, "packed matmul")
     x, w_packed = _array(x, "x"), _array(w_packed, "w_packed")
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
@@ -115,11 +120,7 @@ def packed_int_matmul(x_codes: jax.Array, x_scale: jax.Array, w_packed: jax.Arra
     raise ``ValueError`` here, before any backend runs (also under ``jit``). Differentiable in the scales
     and the zero point (the Pallas backends by the reference's backward).
     """
-    if layout._as_int(bits) not in layout.PACK_BITS:
-        raise ValueError(f"bits={bits!r} has no packed integer matmul; allowed: {layout.PACK_BITS}")
-    bits = layout._as_int(bits)
-    if not isinstance(signed, bool | np.bool_):
-        raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
+    bits = _check_bits_signed(bits, signed, "packed integer matmul")
     x_codes, x_scale = _array(x_codes, "x_codes"), _array(x_scale, "x_scale")
     if x_codes.ndim < 1 or x_codes.dtype != jnp.int8:
         raise ValueError(f"x_codes of shape {x_codes.shape} and dtype {x_codes.dtype}; allowed: int8 codes "
