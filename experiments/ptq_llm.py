@@ -17,9 +17,9 @@ Models:
 
 Configurations (:data:`CONFIGS`): weight-only ``W4 g128``, ``W3 g128``, ``W2 g64`` (asymmetric min-max
 integer grids per group of input rows, qjax's choice for weight-only; a second RTN row, ``rtn-edge``, uses
-Qwix's symmetric grid ``amax / (2^(b-1) - 1/2)`` for a like-for-like comparison) and weights + activations
-``W8A8``, ``W4A8``, ``W4A4`` (symmetric per-output-channel weights, per-token dynamic symmetric inputs) and
-``nvfp4`` (NVFP4 weights and inputs, :func:`qjax.presets.nvfp4`).
+Qwix's symmetric grid ``amax / (2^(b-1) - 1/2)`` for weights and inputs, a like-for-like comparison) and
+weights + activations ``W8A8``, ``W4A8``, ``W4A4`` (symmetric per-output-channel weights, per-token dynamic
+symmetric inputs) and ``nvfp4`` (NVFP4 weights and inputs, :func:`qjax.presets.nvfp4`).
 
 qjax methods (:data:`METHODS`): ``rtn``, ``gptq`` (block by block, sequential), ``awq`` (exponent grid of
 20, then RTN), ``smoothquant`` (SmoothQuant+'s per-layer alpha search, then GPTQ), ``rotation`` (a random
@@ -62,7 +62,7 @@ from qjax.summary import summary
 WEIGHT_ONLY = ("W4 g128", "W3 g128", "W2 g64")
 WITH_INPUTS = ("W8A8", "W4A8", "W4A4", "nvfp4")
 METHODS = ("rtn", "rtn-edge", "gptq", "awq", "smoothquant", "rotation", "quarot", "pv")
-#: Methods that change the weights' scale rule: ``rtn-edge`` is RTN on Qwix's symmetric grid
+#: Methods that change the scale rule of weights and inputs: ``rtn-edge`` is RTN on Qwix's symmetric grid
 #: ``s = amax / (2^(b-1) - 1/2)`` (qjax's ``absmax_edge``), for the like-for-like comparison with Qwix's RTN.
 GRIDS = {"rtn-edge": "absmax_edge"}
 QWIX_METHODS = ("rtn", "gptq", "awq", "smoothquant")
@@ -93,13 +93,14 @@ class Config:
             return Quantizer(self.weight, PerChannel(out_axes), rule)
         return Quantizer(self.weight, PerGroup(contract_axis, self.group), rule)
 
-    def input_quantizer(self, axes: tuple[int, ...]) -> Quantizer | None:
-        """The input quantizer of a contraction over the input's trailing ``axes``: per token, dynamic."""
+    def input_quantizer(self, axes: tuple[int, ...], grid: str | None = None) -> Quantizer | None:
+        """The input quantizer of a contraction over the input's trailing ``axes``: per token, dynamic,
+        symmetric; ``grid`` as in :meth:`weight_quantizer` (Qwix places its input grid as its weight grid)."""
         if self.input is None:
             return None
         if self.input == "nvfp4":
             return presets.nvfp4(-1)
-        return Quantizer(self.input, PerToken(axes), "absmax")
+        return Quantizer(self.input, PerToken(axes), grid or "absmax")
 
 
 CONFIGS = {c.name: c for c in (
@@ -154,11 +155,12 @@ def decoder_rules(config: Config, grid: str | None, dims: dict[str, int]) -> lis
         o_config = dataclasses.replace(o_config, group=None)
     o_w = presets.nvfp4(1) if config.weight == "nvfp4" else o_config.weight_quantizer(1, (2,), grid)
     common = dict(weight_names=WEIGHT_NAMES, name=config.name)
-    inputs = config.input_quantizer((-1,))
+    inputs = config.input_quantizer((-1,), grid)
     qkv_w = fit(dims["embed"]).weight_quantizer(0, (1, 2), grid)
     up_w = fit(dims["embed"]).weight_quantizer(0, (1,), grid)
     down_w = fit(dims["hidden"]).weight_quantizer(0, (1,), grid)
-    return [Rule(r"layers/\d+/attn/o_proj", weight=o_w, input=config.input_quantizer((-2, -1)), **common),
+    return [Rule(r"layers/\d+/attn/o_proj", weight=o_w, input=config.input_quantizer((-2, -1), grid),
+                 **common),
             Rule(r"layers/\d+/attn/[qkv]_proj", weight=qkv_w, input=inputs, **common),
             Rule(r"layers/\d+/mlp/(gate|up)_proj", weight=up_w, input=inputs, **common),
             Rule(r"layers/\d+/mlp/down_proj", weight=down_w, input=inputs, **common)]
@@ -189,6 +191,19 @@ def forward_perplexity(forward: Callable[[jax.Array], jax.Array], sequences: np.
         total += float(jnp.sum(nll[:n]))
         count += n * (chunk.shape[1] - 1)
     return math.exp(total / count)
+
+
+def _check_forward_scoring(kind: str, model: Any, score_forward: Callable, metric: str, expected: float
+                           ) -> None:
+    """Qwix's rows are scored through ``score_forward`` and qjax's through the model: the float model's
+    forward (:func:`experiments.qwix_ptq.float_forward`) must score as the float model does, else the two
+    libraries' figures are not comparable and the study stops here."""
+    from experiments import qwix_ptq
+
+    got = score_forward(qwix_ptq.float_forward(kind, model))[metric]
+    if not math.isclose(got, expected, rel_tol=1e-4):
+        raise RuntimeError(f"{kind}: the float forward scores {metric} {got:.6g}, the float model "
+                           f"{expected:.6g}: the Qwix rows would not be comparable")
 
 
 def decoder_subject(args) -> Subject:
@@ -224,6 +239,8 @@ def decoder_subject(args) -> Subject:
                                                  args.batch_size * 2)}
 
     fp32 = perplexity(float_model)
+    if args.qwix_methods:
+        _check_forward_scoring("decoder", float_model, score_forward, "perplexity", fp32)
     info = {"model": "tunix.models.llama3.Llama3", "config": name, "parameters":
             decoder_lm.parameter_count(float_model), "fp32_perplexity": fp32,
             "unigram_perplexity": llm_text.unigram_perplexity(lm.data.train, held[:, 1:]),
@@ -243,8 +260,8 @@ def minilm_rules(config: Config, grid: str | None = None) -> list[Rule]:
     """Every encoder Dense kernel ``(in, out)`` of FlaxBert, inputs per token; ``grid`` as in
     :func:`decoder_rules`."""
     w = config.weight_quantizer(0, (1,), grid)
-    return [Rule(r"encoder/layer/\d+/.*", types=("Dense",), weight=w, input=config.input_quantizer((-1,)),
-                 name=config.name)]
+    inputs = config.input_quantizer((-1,), grid)
+    return [Rule(r"encoder/layer/\d+/.*", types=("Dense",), weight=w, input=inputs, name=config.name)]
 
 
 def minilm_subject(args) -> Subject:
@@ -272,9 +289,12 @@ def minilm_subject(args) -> Subject:
                 "model_bytes": info.real_bytes, "linear_bytes": linear}
 
     def score_forward(forward):
-        emb = np.concatenate([np.asarray(pm.embed(forward(b), b)) for b in held])
+        # a Qwix forward returns the last hidden states, the first of FlaxBert's outputs
+        emb = np.concatenate([np.asarray(pm.embed((forward(b),), b)) for b in held])
         return pm.compare(emb, reference)
 
+    if args.qwix_methods:
+        _check_forward_scoring("minilm", (module, variables), score_forward, "cosine", 1.0)
     info = {"model": "all-MiniLM-L6-v2 (FlaxBertModel)", "calibration_sentences": n_cal,
             "eval_sentences": n_eval,
             "model_bytes": summary(fp32, variables, **calib[0], **pm.APPLY_KWARGS).real_bytes}
@@ -347,9 +367,13 @@ def _frozen(model, variables, result):
     return model, result, None
 
 
-def qjax_rows(subject: Subject, config: Config, methods: Sequence[str], args, bar) -> list[dict]:
+def qjax_rows(subject: Subject, config: Config, methods: Sequence[str], args, bar,
+              done: frozenset = frozenset()) -> list[dict]:
+    """The rows of qjax's ``methods`` at ``config``; a method in ``done`` (rows resumed) is not rerun, except
+    GPTQ when PV-tuning, which starts from its model, is still to run (then without a second row)."""
     rows, gptq_cache = [], {}
-    for method in methods:
+    todo = [m for m in methods if m not in done or (m == "gptq" and "pv" in methods and "pv" not in done)]
+    for method in todo:
         bar.set_postfix_str(f"{subject.name} {config.name} qjax {method}")
         start = time.perf_counter()
         try:
@@ -364,6 +388,8 @@ def qjax_rows(subject: Subject, config: Config, methods: Sequence[str], args, ba
         else:
             if method == "gptq":
                 gptq_cache[config.name] = model if frozen is None else frozen
+            if method in done:  # GPTQ rerun only as PV's start
+                continue
             rows.append({**row, **subject.score(model, frozen, subject.rules(config, GRIDS.get(method))),
                          "time_s": seconds})
         _print(rows[-1], subject)
@@ -371,11 +397,13 @@ def qjax_rows(subject: Subject, config: Config, methods: Sequence[str], args, ba
     return rows
 
 
-def qwix_rows(subject: Subject, config: Config, methods: Sequence[str], args, bar) -> list[dict]:
+def qwix_rows(subject: Subject, config: Config, methods: Sequence[str], args, bar,
+              done: frozenset = frozenset()) -> list[dict]:
+    """The rows of Qwix's ``methods`` at ``config``, but those in ``done``."""
     from experiments import qwix_ptq
 
     rows = []
-    for method in methods:
+    for method in (m for m in methods if m not in done):
         bar.set_postfix_str(f"{subject.name} {config.name} qwix {method}")
         model, variables = subject.fresh()
         result = qwix_ptq.run_qwix(method, config.name, subject.name,
@@ -522,8 +550,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minilm-eval", type=int, default=256)
     p.add_argument("--pv-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, metavar="JSON", help="rows of an interrupted run "
-                   "(ptq_llm.partial.json): its finished (model, config) pairs are kept, not rerun")
+    p.add_argument("--resume", default=None, metavar="JSON", help="rows of an earlier or interrupted run "
+                   "(ptq_llm.partial.json, or a ptq_llm.json): each of its (model, config, library, method) "
+                   "rows is kept, not rerun; delete a row to redo it")
     add_run_options(p, "the quick decoder, W4 g128 and W4A8, rtn/gptq/rotation and Qwix's rtn")
     args = p.parse_args(argv)
     if args.quick:
@@ -544,6 +573,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def resumed_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``ptq_llm.partial.json`` (a list) or of a finished ``ptq_llm.json`` (its ``"rows"``)."""
+    data = json.loads(Path(path).read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def _row_order(row: dict) -> tuple:
+    """Model, config, library, method in the study's own order (resumed and new rows interleaved)."""
+    methods = {"qjax": METHODS, "qwix": QWIX_METHODS}[row["library"]]
+    return (MODELS.index(row["model"]), list(CONFIGS).index(row["config"]), row["library"],
+            methods.index(row["method"]))
+
+
 def main(argv=None) -> list[dict]:
     """Run the study; print the tables and verdicts; write JSON, Markdown and PNG; return the rows."""
     from tqdm.auto import tqdm
@@ -555,18 +597,21 @@ def main(argv=None) -> list[dict]:
     methods = [m for m in METHODS if m in args.methods]  # gptq before pv
     out = results_dir(args.results_dir)
     partial = out / "ptq_llm.partial.json"  # every finished (model, config), so a crash loses nothing
-    rows = json.loads(Path(args.resume).read_text()) if args.resume else []
-    done = {(r["model"], r["config"]) for r in rows}
+    rows = resumed_rows(args.resume) if args.resume else []
+    done = {(r["model"], r["config"], r["library"], r["method"]) for r in rows}
     total = len(subjects) * len(args.configs) * (len(methods) + len(args.qwix_methods))
     with tqdm(total=total, unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
         for s in subjects:
             for c in args.configs:
-                if (s.name, c) in done:
-                    bar.update(len(methods) + len(args.qwix_methods))
-                    continue
-                rows += qjax_rows(s, CONFIGS[c], methods, args, bar)
-                rows += qwix_rows(s, CONFIGS[c], args.qwix_methods, args, bar)
-                partial.write_text(json.dumps(rows, indent=1, default=str))
+                skip = {lib: frozenset(m for (n, cc, lb, m) in done if (n, cc, lb) == (s.name, c, lib))
+                        for lib in ("qjax", "qwix")}
+                bar.update(len(skip["qjax"] & set(methods)) + len(skip["qwix"] & set(args.qwix_methods)))
+                new = (qjax_rows(s, CONFIGS[c], methods, args, bar, skip["qjax"])
+                       + qwix_rows(s, CONFIGS[c], args.qwix_methods, args, bar, skip["qwix"]))
+                if new:
+                    rows += new
+                    partial.write_text(json.dumps(rows, indent=1, default=str))
+    rows = sorted(rows, key=_row_order)
     partial.unlink(missing_ok=True)  # the full report follows
     seconds = time.perf_counter() - start
     said = verdicts(rows, subjects)

@@ -167,7 +167,7 @@ def e8m0_emax(fmt: Format) -> int:
 
 
 def mx_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
-             eps: float = 0.0) -> tuple[jax.Array, jax.Array | None]:
+             eps: float = 0.0, tensor_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The stored scales of a block rule (:data:`MX_RULES`) for the block view ``xb`` reduced over ``axes``:
     ``(block scales, tensor scale)``, both with ``xb``'s rank (reduced axes of size 1; the tensor scale has
     every axis of size 1, so a QArray stacked by ``vmap`` still broadcasts).
@@ -182,6 +182,8 @@ def mx_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
 
     ``amax = max(max|x|, eps)`` per block; an empty input counts as all zeros. :func:`scale_value` reads the
     result back as the float32 scale ``s`` (``2^k``, or ``float32(b) * t``). See the module docstring.
+    ``tensor_scale``: an ``nvfp4`` tensor scale ``t`` fixed beforehand (GPTQ sets the block scales of a
+    tensor's groups one by one under the ``t`` of the whole original tensor); ignored by ``e8m0``.
     """
     if rule not in MX_RULES:
         raise ValueError(f"unknown block scale rule {rule!r}; allowed: {', '.join(MX_RULES)}")
@@ -199,8 +201,11 @@ def mx_scale(rule: str, fmt: Format, xb: jax.Array, axes: tuple[int, ...],
         log2 = jnp.right_shift(jax.lax.bitcast_convert_type(top, jnp.int32), 23) - 127  # top >= 0
         code = jnp.clip(log2 - e8m0_emax(fmt) + 127, 1, 254)
         return jnp.where(bad, E8M0_NAN, code).astype(jnp.uint8), None
-    amax = jnp.max(jnp.where(bad, 0.0, top), keepdims=True, initial=0.0)
-    tensor = jnp.maximum(amax / (E4M3_MAX * fmt.max_abs), NVFP4_TENSOR_FLOOR)
+    if tensor_scale is None:
+        amax = jnp.max(jnp.where(bad, 0.0, top), keepdims=True, initial=0.0)
+        tensor = jnp.maximum(amax / (E4M3_MAX * fmt.max_abs), NVFP4_TENSOR_FLOOR)
+    else:
+        tensor = jnp.asarray(tensor_scale, jnp.float32).reshape((1,) * x.ndim)  # one per tensor
     block = jnp.clip(top / fmt.max_abs / tensor, E4M3_TINY, E4M3_MAX)
     return jnp.where(bad, jnp.nan, block).astype(jnp.float8_e4m3fn), tensor
 

@@ -17,10 +17,13 @@ calibration inputs ``X (n, K)`` it minimises ``||X W - X W_q||^2`` with the Hess
 
 ``quant`` is the rule's own quantizer (its format's rounding and its scale rule, :mod:`qjax.scales`):
 per-channel / per-tensor scales come from the original weight; per-group scales (``PerGroup(0, g)``) of
-the range rules (``absmax``, ``minmax``) are computed from the error-updated rows when a group starts, as
-in the reference code; with ``act_order``, and for the statistics rules (``mean_abs``, ``median``: ternary,
-BitNet) always, they come from the original weight in its original groups ("static groups"), so a QArray
-still holds one scale per contiguous group. (A mean-abs scale computed from error-updated rows grows with
+the range rules (``absmax``, ``absmax_edge``, ``minmax``) and of the MX block rules (``e8m0`` of MXFP8 /
+MXFP4, ``nvfp4``, whose float32 tensor scale is the original weight's) are computed from the error-updated
+rows when a group starts, as in the reference code (groups run along the last input axis: ``PerGroup(0, g)``
+of a Dense kernel, ``PerGroup(1, g)`` of an ``NHD`` einsum weight, consecutive rows of its ``(N H, D)``
+matrix); with ``act_order``, and for the statistics rules (``mean_abs``, ``median``: ternary, BitNet) always,
+they come from the original weight in its original groups ("static groups"), so a QArray still holds one
+scale per contiguous group. (A mean-abs scale computed from error-updated rows grows with
 the clipping error it absorbs: on all-MiniLM-L6-v2 at ternary g64 that collapsed the embeddings to cosine
 0.02 against RTN's 0.39; static scales gave 0.62.) With ``H = I`` no error moves and GPTQ is exactly RTN.
 """
@@ -43,10 +46,11 @@ from qjax.ptq.layers import Layer, Path, check_batches, check_token_mask, dequan
 from qjax.ptq.model import model_view
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, quantize
-from qjax.scales import COMPUTED_RULES, compute_scale
+from qjax.scales import COMPUTED_RULES, MX_RULES, compute_scale, mx_scale, scale_value
 
 # Scale rules that map the group's range onto the grid: their group scales may follow the updated rows.
-_RANGE_RULES = ("absmax", "absmax_edge", "minmax")
+_RANGE_RULES = ("absmax", "absmax_edge", "minmax", *MX_RULES)
+_RULES = (*COMPUTED_RULES, *MX_RULES)
 
 
 def hessian_stat(rows: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,16 +73,16 @@ def _check_layer(q: Quantizer, w: jax.Array, hessian: jax.Array, block_size: int
     if jnp.shape(hessian) != (k, k):
         raise ValueError(f"gptq_layer: hessian has shape {jnp.shape(hessian)}; allowed: ({k}, {k}) for a "
                          f"weight of shape {tuple(w.shape)} contracting {contract} axes")
-    if q.scale not in COMPUTED_RULES or q.bases != 1:
+    if q.scale not in _RULES or q.bases != 1:
         raise ValueError(f"gptq_layer: scale rule {q.scale!r} (bases={q.bases}) is not supported; allowed: "
-                         f"single-basis quantizers with a computed scale: {', '.join(COMPUTED_RULES)}")
+                         f"single-basis quantizers with a computed or block scale: {', '.join(_RULES)}")
     gran = q.granularity.resolve(w.shape)
     per_output = isinstance(gran, PerChannel) and all(a % w.ndim >= contract for a in gran.axis)
-    grouped = isinstance(gran, PerGroup) and gran.axis % w.ndim == 0 and contract == 1
+    grouped = isinstance(gran, PerGroup) and gran.axis % w.ndim == contract - 1
     if not (per_output or isinstance(gran, PerTensor) or grouped):
         raise ValueError(f"gptq_layer: granularity {q.granularity} is not supported; allowed: PerTensor(), "
-                         "PerChannel over output axes (PerChannel(-1)) or PerGroup(0, size) (groups along "
-                         "the input axis of a kernel contracting one axis)")
+                         "PerChannel over output axes (PerChannel(-1)) or PerGroup(contract - 1, size) "
+                         "(groups along the last input axis: PerGroup(0, size) for a Dense kernel)")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"gptq_layer: block_size={block_size!r} must be a positive integer")
     if isinstance(gran, PerGroup) and block_size % gran.size:
@@ -111,7 +115,11 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     blocks_shape = gran.to_blocks(w.reshape(shape)).shape
     rows = lambda s: gran.from_blocks(jnp.broadcast_to(s, blocks_shape), shape).reshape(k, n)
     has_zero = static.zero_point is not None
-    s_rows = rows(static.scale)[perm]
+    mx, tensor = q.scale in MX_RULES, static.tensor_scale
+    # the float32 scale a stored scale stands for (block rules store E8M0 exponents / E4M3 block scales)
+    t = None if tensor is None else tensor.reshape(())
+    used = (lambda stored: scale_value(stored.astype(static.scale.dtype), t)) if mx else (lambda s: s)
+    s_rows = rows(used(static.scale))[perm]
     z_rows = rows(static.zero_point)[perm] if has_zero else jnp.zeros((k, n), jnp.float32)
 
     wp, hp = w[perm], h[perm][:, perm]
@@ -126,7 +134,12 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     ok = jnp.all(jnp.isfinite(u))
 
     def group_scale(block_w, i):
+        """The group's scale as stored (float32 values: E8M0 exponents and E4M3 scales are exact in
+        float32) and zero point, from rows ``i .. i + g`` of the block as updated so far."""
         part = jax.lax.dynamic_slice(block_w, (i, 0), (g, n))
+        if mx:
+            s, _ = mx_scale(q.scale, fmt, part, (0,), q.eps, tensor_scale=tensor)
+            return s[0].astype(jnp.float32), jnp.zeros((n,), jnp.float32)
         s, z = compute_scale(q.scale, fmt, part, (0,), q.eps)
         return s[0], (z[0] if has_zero else jnp.zeros((n,), jnp.float32))
 
@@ -154,6 +167,7 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
                 s, z = group_scale(inner[0], j * g)
                 group_s = jax.lax.dynamic_update_slice(group_s, s[None], ((b0 + j * g) // g, 0))
                 group_z = jax.lax.dynamic_update_slice(group_z, z[None], ((b0 + j * g) // g, 0))
+                s = used(s)
                 inner = columns(b0, j * g, g, u_block, inner, lambda c, s=s, z=z: (s, z))
         else:
             inner = columns(b0, 0, bsz, u_block, inner, lambda c: (s_rows[c], z_rows[c]))
@@ -166,12 +180,13 @@ def _gptq(q: Quantizer, w: jax.Array, hessian: jax.Array, damp: jax.Array, block
     _, codes, group_s, group_z = jax.lax.fori_loop(0, kp // bsz, block, (wp, codes, groups, groups))
     inverse = jnp.argsort(perm)
     codes = codes[:k][inverse].reshape(shape)
-    if dynamic:
-        scale = group_s[: k // g, None, :].reshape(k // g, 1, *shape[1:])
-        zero = group_z[: k // g, None, :].reshape(k // g, 1, *shape[1:]) if has_zero else None
+    if dynamic:  # (groups of the flattened rows, n) -> the block view's scale (*K[:-1], K[-1] / g, 1, *F)
+        lead = (*shape[:contract - 1], shape[contract - 1] // g, 1, *shape[contract:])
+        scale = group_s[: k // g].reshape(lead).astype(static.scale.dtype)
+        zero = group_z[: k // g].reshape(lead) if has_zero else None
     else:
         scale, zero = static.scale, static.zero_point
-    return QArray(codes, scale, zero, q.format, gran, dtype, 1), ok
+    return QArray(codes, scale, zero, q.format, gran, dtype, 1, tensor_scale=tensor), ok
 
 
 _STATIC = ("q", "block_size", "act_order", "contract")

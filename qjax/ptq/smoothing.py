@@ -52,7 +52,11 @@ from qjax.ptq.hessian import check_hessian, mean_hessian
 from qjax.ptq.layers import Layer, Path, check_batches, check_token_mask, weight
 from qjax.ptq.model import model_view
 from qjax.quantizer import Quantizer, fake_quant, quantize
-from qjax.scales import COMPUTED_RULES
+from qjax.scales import COMPUTED_RULES, MX_RULES
+
+# scale rules computed from the values they quantize (MX block scales included): smoothing changes the
+# values, the rule follows them
+_DYNAMIC_RULES = (*COMPUTED_RULES, *MX_RULES)
 
 METHODS = ("rtn", "gptq")
 
@@ -91,17 +95,18 @@ def _check(layers: Sequence[Layer], params, who: str) -> None:
                              "allowed: Dense-like (*K, *F) kernels contracting their leading axes, at least "
                              "one output axis left (exclude the others by rule)")
         q = layer.quantizer
-        if q.scale not in COMPUTED_RULES or q.bases != 1:
+        if q.scale not in _DYNAMIC_RULES or q.bases != 1:
             raise ValueError(f"{who}: {layer.name}: weight scale rule {q.scale!r} (bases={q.bases}) is not "
-                             f"supported; allowed: single-basis computed scales: {', '.join(COMPUTED_RULES)}")
+                             f"supported; allowed: single-basis computed or block scales: "
+                             f"{', '.join(_DYNAMIC_RULES)}")
 
 
 def _input_quantizer(view, layer: Layer, who: str) -> Quantizer | None:
     q = view.entry(layer.module).rule.input
-    if q is not None and q.scale not in COMPUTED_RULES:
+    if q is not None and q.scale not in _DYNAMIC_RULES:
         raise ValueError(f"{who}: {layer.name}: input scale rule {q.scale!r} is fixed before smoothing would "
                          f"change the inputs; allowed: computed (dynamic) input scales: "
-                         f"{', '.join(COMPUTED_RULES)}")
+                         f"{', '.join(_DYNAMIC_RULES)}")
     return q
 
 

@@ -2,12 +2,14 @@
 pass finds how many leading axes an einsum contracts, GPTQ solves a ``(*K, *F)`` kernel as its
 ``(prod K, prod F)`` matrix, and on Tunix's Llama3 GPTQ beats RTN."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import PerChannel, PerGroup, PerTensor, Quantizer, Rule, dequantize, ptq, quantize
+from qjax import PerChannel, PerGroup, PerTensor, Quantizer, Rule, dequantize, presets, ptq, quantize
 from qjax.core import einsum_contract
 
 
@@ -38,6 +40,22 @@ def test_an_nd_kernel_is_solved_as_its_matrix(q):
     assert float(err) < float(err_rtn)
     with pytest.raises(ValueError, match=r"granularity PerGroup.*allowed: PerTensor\(\), PerChannel over"):
         ptq.gptq_layer(Quantizer("int4", PerGroup(0, 2)), w, h, contract=2)
+
+
+@pytest.mark.parametrize("q", [Quantizer("int3", PerGroup(1, 4), "minmax"), presets.nvfp4(1)],
+                         ids=["int3-g4", "nvfp4"])
+def test_groups_along_the_last_contracted_axis(q):
+    # groups of the NHD kernel along H are groups of consecutive rows of the (N*H, D) matrix (H is its
+    # fastest input axis): the same solve, the scales laid out on the kernel's own block view
+    w = jax.random.normal(jax.random.key(2), (2, 16, 6))
+    x = jax.random.normal(jax.random.key(3), (64, 32)) * jnp.linspace(0.2, 3, 32)
+    h = 2 * x.T @ x / 64
+    got = ptq.gptq_layer(q, w, h, contract=2, block_size=16)
+    flat_q = dataclasses.replace(q, granularity=PerGroup(0, q.granularity.size))
+    flat = ptq.gptq_layer(flat_q, w.reshape(32, 6), h, block_size=16)
+    np.testing.assert_array_equal(got.codes.reshape(32, 6), flat.codes)
+    assert got.scale.shape == quantize(q, w).scale.shape and got.scale.dtype == quantize(q, w).scale.dtype
+    np.testing.assert_allclose(dequantize(got).reshape(32, 6), dequantize(flat), rtol=1e-6)
 
 
 def test_gptq_beats_rtn_on_tunix_llama3():

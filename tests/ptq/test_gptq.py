@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import PerChannel, PerGroup, PerToken, QArray, Quantizer, dequantize, quantize
+from qjax import PerChannel, PerGroup, PerToken, QArray, Quantizer, dequantize, presets, quantize
 from qjax.ptq import gptq_layer
+from qjax.scales import scale_value
 
 K, N, ROWS = 128, 48, 1024
 
@@ -25,7 +26,9 @@ def _output_error(x, w, qa):
 
 
 QUANTIZERS = [Quantizer("int4", PerChannel(-1), "minmax"), Quantizer("int3", PerGroup(0, 32), "minmax"),
-              Quantizer("int2", PerGroup(0, 32), "absmax"), Quantizer("ternary", PerGroup(0, 32), "mean_abs")]
+              Quantizer("int2", PerGroup(0, 32), "absmax"), Quantizer("ternary", PerGroup(0, 32), "mean_abs"),
+              # MX block formats: E8M0 block exponents; NVFP4's E4M3 block scales under a tensor scale
+              presets.mxfp4(0), presets.mxfp8(0), presets.nvfp4(0)]
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -47,6 +50,25 @@ def test_identity_hessian_is_rtn(q, act_order):
     # a mean-abs scale may differ by an ulp: XLA orders the jitted and the eager mean differently
     np.testing.assert_allclose(qa.scale, rtn.scale, rtol=1e-6)
     np.testing.assert_allclose(dequantize(qa), dequantize(rtn), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("q", QUANTIZERS[4:], ids=lambda q: q.format + "-" + q.scale)
+def test_block_formats_store_their_own_scales(q):
+    _, w, h = _data(5)
+    qa, rtn = gptq_layer(q, w, h, block_size=64), quantize(q, w)
+    # the scales GPTQ set group by group are stored as the rule stores them (E8M0 uint8 / E4M3), the NVFP4
+    # tensor scale is the original weight's, and fake-quant of the stored QArray is its dequantization
+    assert qa.scale.dtype == rtn.scale.dtype and qa.scale.shape == rtn.scale.shape
+    if q.scale == "nvfp4":
+        np.testing.assert_array_equal(qa.tensor_scale, rtn.tensor_scale)
+    # every value is a grid point of its stored block scale: w_q / s decodes to itself (to float rounding
+    # of b * t for NVFP4)
+    gran = qa.granularity
+    blocks = gran.to_blocks(jnp.zeros(w.shape)).shape
+    s_el = gran.from_blocks(jnp.broadcast_to(scale_value(qa.scale, qa.tensor_scale), blocks), w.shape)
+    u = np.asarray(dequantize(qa) / s_el)
+    np.testing.assert_allclose(qa.fmt.decode(qa.fmt.encode(u)), u, rtol=1e-6, atol=0)
+    assert np.all(np.isfinite(dequantize(qa)))
 
 
 def test_groups_keep_one_scale_per_group_and_codes_on_grid():

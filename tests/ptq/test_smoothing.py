@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qjax import PerChannel, PerGroup, PerToken, Quantizer, Rule, dequantize, fake_quant, ptq
+from qjax import PerChannel, PerGroup, PerToken, Quantizer, Rule, dequantize, fake_quant, presets, ptq
 from qjax import linen as ql
 from qjax import nnx as qn
 from qjax.input_transform import DIVISOR, SIGNS, transform_input, transform_weight
@@ -149,6 +149,37 @@ def test_hadamard_rotation_is_exact_in_float_and_beats_rtn_on_outliers(outliers)
     e_gptq = output_error(model, FIRST_W8A8, ptq.hadamard(model, variables, FIRST_W8A8, batches, key=key),
                           variables, batches)
     assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+NVFP4 = [Rule(".*", types=("Dense", "Linear"), weight=presets.nvfp4(0), input=presets.nvfp4(-1),
+              name="nvfp4")]
+MXFP4 = [Rule("dense_1", weight=presets.mxfp4(0), input=presets.mxfp4(-1), name="mxfp4")]
+
+
+@pytest.mark.parametrize("rules", [NVFP4, MXFP4], ids=["nvfp4", "mxfp4"])
+def test_block_formats_smooth_rotate_and_solve(outliers, rules):
+    # MX / NVFP4 weights and inputs: every method runs, keeps the block format and its stored scales, and
+    # does better than plain rounding (NVFP4 on every layer, dense_0's inputs with outlier channels)
+    model, variables, batches = outliers
+    key = jax.random.key(4)
+    rtn = ptq.rtn(model, variables, rules, batches[0])
+    runs = {"gptq": ptq.gptq(model, variables, rules, batches),
+            "smoothquant": ptq.smoothquant(model, variables, rules, batches, alphas=(0.3, 0.5, 0.7)),
+            "awq": ptq.awq(model, variables, rules, batches),
+            "hadamard": ptq.hadamard(model, variables, rules, batches, key=key)}
+    e_rtn = output_error(model, rules, rtn, variables, batches)
+    name = rules[0].path if rules is MXFP4 else "dense_0"
+    for method, frozen in runs.items():
+        got, want = frozen["params"][name]["kernel"], rtn["params"][name]["kernel"]
+        assert got.format == want.format and got.scale.dtype == want.scale.dtype, method
+        assert (got.tensor_scale is None) == (want.tensor_scale is None), method
+        e = output_error(model, rules, frozen, variables, batches)
+        assert np.isfinite(e), method
+        if rules is NVFP4 or method in ("gptq", "hadamard"):
+            assert e < e_rtn, (method, e, e_rtn)
+        elif method == "awq":  # a = 0 is plain rounding: never worse, here (no outliers) equal
+            assert e <= e_rtn, (method, e, e_rtn)
+        # (dense_1's inputs, GELU outputs, hold no outlier channels: SmoothQuant has nothing to move there)
 
 
 # --- einsum (N-d) layers: Tunix's Llama3 ----------------------------------------------------------------
