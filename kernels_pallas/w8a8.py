@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.backends import compiler_params, round_up, tile
 from kernels_pallas.layout import decode_fields
+from kernels_pallas.loops import accumulate_over_k, over_planes
 from kernels_pallas.reference import group_term, int8_fields
 from kernels_pallas.weight_only import scale_table
 
@@ -90,24 +91,9 @@ def _kernel(x_ref, w_ref, *rest, bits: int | None, signed: bool, seg: int | None
                 return acc
             return jax.lax.fori_loop(0, nseg, lambda t, a: a + piece(j, k0 + t * width, kb * nseg + t), acc)
 
-        acc = jnp.zeros(o_ref.shape, o_ref.dtype)
-        if not unroll:
-            return jax.lax.fori_loop(0, planes, plane, acc)
-        for j in range(planes):  # static planes: constant shifts and plane indices
-            acc = plane(j, acc)
-        return acc
+        return over_planes(plane, planes, jnp.zeros(o_ref.shape, o_ref.dtype), unroll)
 
-    if k_blocks is None:
-        kb = pl.program_id(2)
-
-        @pl.when(kb == 0)
-        def _():
-            o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
-        o_ref[...] += block(kb, 0)
-    else:
-        o_ref[...] = jax.lax.fori_loop(0, k_blocks, lambda kb, acc: acc + block(kb, kb * block_words),
-                                       jnp.zeros(o_ref.shape, o_ref.dtype))
+    accumulate_over_k(o_ref, block, k_blocks, block_words)
 
 
 def _int_product(x: jax.Array, w: jax.Array, scales: jax.Array | None = None, *, bits: int | None,

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.backends import compiler_params, round_up, tile
 from kernels_pallas.layout import decode_fields
+from kernels_pallas.loops import accumulate_over_k, over_planes
 
 BLOCK_M = 128
 BLOCK_N = 256
@@ -96,24 +97,9 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
             w = w * _repeat(scale, block_words)
             return acc + jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-        acc = jnp.zeros(o_ref.shape, jnp.float32)
-        if not unroll:
-            return jax.lax.fori_loop(0, planes, plane, acc)
-        for j in range(planes):  # static planes: constant shifts and plane indices
-            acc = plane(j, acc)
-        return acc
+        return over_planes(plane, planes, jnp.zeros(o_ref.shape, jnp.float32), unroll)
 
-    if k_blocks is None:
-        kb = pl.program_id(2)
-
-        @pl.when(kb == 0)
-        def _():
-            o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
-        o_ref[...] += block(kb, 0)
-    else:
-        o_ref[...] = jax.lax.fori_loop(0, k_blocks, lambda kb, acc: acc + block(kb, kb * block_words),
-                                       jnp.zeros(o_ref.shape, jnp.float32))
+    accumulate_over_k(o_ref, block, k_blocks, block_words)
 
 
 def _repeat(rows: jax.Array, length: int) -> jax.Array:

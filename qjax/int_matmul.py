@@ -43,6 +43,13 @@ RESIDUALS = ("quantized", "original")
 """The backward products' operands (:func:`qat_matmul`): the fake-quant values, or the unquantized ones."""
 
 
+def integer_codes(q: Quantizer) -> bool:
+    """Whether ``q`` gives codes an integer product can sum exactly: signed integer grids of up to 8 bits
+    (int2..int8, ternary, binary), one basis, no zero point (every rule but ``minmax``)."""
+    fmt = q.fmt
+    return fmt.kind in INT_KINDS and fmt.signed and fmt.bits <= 8 and q.bases == 1 and q.scale != "minmax"
+
+
 def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams: dict,
                      w_ndim: int = 2, contract: int = 1) -> bool:
     """Whether a ``(*K, *features)`` weight (``contract`` leading contraction axes, rank ``w_ndim``) and an
@@ -54,9 +61,8 @@ def integer_eligible(weight: Quantizer | None, inputs: Quantizer | None, hparams
         return False
     if not 1 <= contract < w_ndim:
         return False
-    for q in (weight, inputs):
-        if q.fmt.kind not in INT_KINDS or not q.fmt.signed or q.bases != 1 or q.scale == "minmax":
-            return False
+    if not (integer_codes(weight) and integer_codes(inputs)):
+        return False
     if weight.is_sign and weight.surrogate_spec.has_custom_forward:
         return False  # a custom forward (BiPer's sign(sin(omega w)), its stage switch) stays on fake-quant
     gw, gx = weight.granularity, inputs.granularity

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from qjax import qat
 from qjax.granularity import PerChannel, PerGroup, PerTensor, PerToken
+from qjax.int_matmul import integer_codes
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, fake_quant, quantize
 
@@ -71,12 +72,7 @@ def integer_input(q: Quantizer | None, hparams: Mapping) -> bool:
     K whatever the input's rank (``PerTensor()``, ``PerToken`` over axes that include ``-1``, or
     ``PerChannel`` over negative axes other than ``-1``: one scale per token), computed, ``given`` or
     ``learned``; and no ``enabled`` switch in ``hparams`` (it may keep the input float)."""
-    if not isinstance(q, Quantizer) or "enabled" in hparams:
-        return False
-    fmt = q.fmt
-    if fmt.kind not in ("int", "binary", "ternary") or not fmt.signed or fmt.bits > 8 or q.bases != 1:
-        return False
-    if q.scale == "minmax":
+    if not isinstance(q, Quantizer) or "enabled" in hparams or not integer_codes(q):
         return False
     gran = q.granularity
     if isinstance(gran, PerTensor):
