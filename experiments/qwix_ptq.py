@@ -269,7 +269,7 @@ def _tiles(config: QwixConfig, layers: list[_Layer]) -> tuple[dict[int | None, l
     """Layers by the ``tile_size`` giving them ``config.group`` (module docstring), or why there is none. A
     layer whose last contraction axis the group does not divide (Llama3's ``o_proj`` at ``g = 64``: groups
     of whole heads) gets one scale per output channel, coarser than asked: what the study's qjax rules give
-    the same layer (:func:`experiments.ptq_llm.decoder_rules`), so the two stay like for like."""
+    the same layer (:func:`experiments.llm_subjects.decoder_rules`), so the two stay like for like."""
     if config.group is None:
         return {None: [layer.path for layer in layers]}, None
     tiles: dict[int | None, list[str]] = {}
