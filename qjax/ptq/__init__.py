@@ -34,7 +34,8 @@ from qjax.ptq.folding import InputGroup, SmoothingPlan
 from qjax.ptq.gptq import gptq, gptq_layer, hessians
 from qjax.ptq.layers import Layer, frozen_variables, quantized_layers
 from qjax.ptq.pv import pv_tuning, requantize_subspace, top_tau_mask
-from qjax.ptq.residual_rotation import LLAMA_LAYOUT, ResidualLayout, rotate_residual
+from qjax.ptq.residual_layout import LLAMA_LAYOUT, ResidualLayout
+from qjax.ptq.residual_rotation import rotate_residual
 from qjax.ptq.rtn import rtn
 from qjax.ptq.smoothing import awq, hadamard, smoothing_plan, smoothquant
 from qjax.ptq.ste import ste_finetune

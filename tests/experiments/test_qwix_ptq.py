@@ -20,13 +20,14 @@ pytest.importorskip("qwix", reason="Qwix missing: pip install -e '.[test]'")
 import jax.numpy as jnp
 
 from experiments import qwix_ptq as qp
+from experiments import qwix_rules as qr
 from tests.clients.models import fill_linen_weights
 
 # slow: ~70 s of CPU (GPTQ's column loop, each quantized forward's compilation); Tunix warns (flax 0.12)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-W4_G32 = qp.QwixConfig("w4_g32", "int4", 32)
-W8 = qp.QwixConfig("w8", "int8")  # the weights of w8a8 without its inputs
+W4_G32 = qr.QwixConfig("w4_g32", "int4", 32)
+W8 = qr.QwixConfig("w8", "int8")  # the weights of w8a8 without its inputs
 DECODER_GPTQ_LAYERS = r"layers/\d+/mlp/(gate|up)_proj"
 DECODER_AWQ_LAYERS = r"layers/\d+/(mlp/(gate|up)_proj|attn/o_proj)"
 BERT_GPTQ_LAYERS = r"encoder/layer/\d+/attention/self/(query|key|value)"
@@ -108,10 +109,10 @@ def test_decoder_gptq_falls_back_to_rtn_on_o_proj_and_refuses_int3(decoder):
     result = qp.run_qwix("gptq", W8, "decoder", model, calib, module_path=r"layers/\d+/attn/o_proj")
     # o_proj contracts two axes (BTNH,NHD->BTD): Qwix's calibration records nothing, RTN quantizes it
     assert result.supported and result.rtn_fallback_layers == ("layers/0/attn/o_proj",)
-    int3 = qp.run_qwix("gptq", qp.QwixConfig("w3", "int3"), "decoder", model, calib)
+    int3 = qp.run_qwix("gptq", qr.QwixConfig("w3", "int3"), "decoder", model, calib)
     assert not int3.supported and "synthetic qtype" in int3.reason
-    assert "'nvfp4'" in qp.known_limits("gptq", qp.CONFIGS["nvfp4"])[1]
-    assert qp.known_limits("gptq", qp.CONFIGS["w2_g64"]) == ([], None)  # jnp.int2 exists: Qwix's GPTQ runs
+    assert "'nvfp4'" in qr.known_limits("gptq", qr.CONFIGS["nvfp4"])[1]
+    assert qr.known_limits("gptq", qr.CONFIGS["w2_g64"]) == ([], None)  # jnp.int2 exists: Qwix's GPTQ runs
 
 
 def test_decoder_awq(decoder):
