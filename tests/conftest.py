@@ -28,3 +28,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.bad_input.report import format_counts, promised_counts
 
     terminalreporter.write_line(format_counts(promised_counts(), "bad-input suite, cases per class"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable otherwise): under ``-n 2`` the long ones start while the short ones are
+    still queued, so neither worker is left running one long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -135,6 +135,7 @@ class Run:
         return real, floats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIENTS)
 def test_w8a8_every_dense_layer_gradients_and_frozen_equals_qat(name):
     run = Run(name, [Rule(".*", weight=W8, input=A8, weight_names=NAMES)])
@@ -148,6 +149,7 @@ def test_w8a8_every_dense_layer_gradients_and_frozen_equals_qat(name):
     np.testing.assert_allclose(run.forward(frozen), y, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIENTS)
 def test_int4_packs_to_an_eighth_and_binary_reste_trains(name):
     run = Run(name, [Rule(".*", weight=W4, weight_names=NAMES)])

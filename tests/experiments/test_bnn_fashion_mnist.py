@@ -22,6 +22,7 @@ def _fashion_mnist_available() -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_bnn_fashion_mnist_quick(tmp_path):
     require_experiment_deps()
     if not _fashion_mnist_available():

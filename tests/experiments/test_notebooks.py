@@ -9,6 +9,7 @@ NOTEBOOKS = {  # notebook -> the results it writes
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat missing: pip install -e '.[notebooks]'")

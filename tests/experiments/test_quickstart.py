@@ -11,6 +11,7 @@ from experiments import bnn_common as bc
 from experiments.bnn_common import METHODS
 
 
+@pytest.mark.slow
 def test_quickstart_quick(tmp_path):
     require_experiment_deps()
     out = run_cli("experiments.quickstart", tmp_path, no_warnings=True)  # e.g. no kernel fallback notice
