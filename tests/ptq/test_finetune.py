@@ -59,6 +59,20 @@ def test_pv_tuning_lowers_the_loss_and_moves_few_codes(mlp):
     assert isinstance(kernel, QArray) and kernel.packing is not None
 
 
+def test_a_nearly_exact_start_is_kept_when_tuning_adds_error(mlp):
+    # int8 GPTQ is nearly exact: large normalized steps can only add error, and keep_best returns the start
+    model, variables, batches = mlp
+    w8 = [Rule(".*", types=("Dense",), weight=Quantizer("int8", PerChannel(-1)), name="w8")]
+    start = gptq(model, variables, w8, batches)
+    kw = dict(teacher=variables, steps=6, p_learning_rate=3e-2, v_learning_rate=0.3, tau=0.2)
+    kept, losses = pv_tuning(model, start, w8, batches, **kw)
+    moved, _ = pv_tuning(model, start, w8, batches, keep_best=False, **kw)
+    assert losses[-1] > losses[0]
+    for name, codes in _codes(start).items():
+        np.testing.assert_array_equal(_codes(kept)[name], codes)
+    assert any(np.any(_codes(moved)[n] != c) for n, c in _codes(start).items())
+
+
 def test_p_step_alone_lowers_the_loss_with_codes_fixed(mlp):
     model, variables, batches = mlp
     start = gptq(model, variables, W2, batches)
