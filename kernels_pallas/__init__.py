@@ -9,6 +9,12 @@
 - :func:`packed_int_matmul`: int8 activation codes times packed low-bit weight codes (the layout of
   :func:`packed_matmul`), exact int32 sums inside each weight group, per-token or per-tensor activation
   scales (W8A8, W4A8, W4A4, ...; the same kernel, :mod:`kernels_pallas.w8a8`).
+- :func:`sherry_matmul`: weight-only, float activations times Sherry 1.25-bit weights, ternary with 3:4
+  sparsity (one 0 and three +-1 in every block of four along K, 5 bits per block), 32 blocks in five uint32
+  words (:func:`sherry_project`, :func:`sherry_pack`, :func:`sherry_unpack`, :func:`sherry_packed_size`),
+  per-channel or per-group float scales, decoded in the kernel (:mod:`kernels_pallas.sherry`).
+- :func:`pack_trits` / :func:`unpack_trits`: five ternary codes per byte (``3^5 = 243 <= 256``, 1.6 bits per
+  trit), in planes along one axis (:mod:`kernels_pallas.trits`; PTQTP's trit planes).
 - :func:`hadamard_transform`: the normalized fast Walsh-Hadamard transform ``x H_n / sqrt(n)`` on the last
   axis, ``n`` a power of two, the rotation of QuaRot / QuIP# (:mod:`kernels_pallas.hadamard`).
 
@@ -39,21 +45,51 @@ from kernels_pallas.reference import (
     packed_int_matmul_xla,
     packed_matmul_xla,
 )
+from kernels_pallas.sherry import (
+    sherry_dequantize,
+    sherry_matmul_pallas,
+    sherry_matmul_xla,
+    sherry_pack,
+    sherry_packed_size,
+    sherry_project,
+    sherry_unpack,
+)
+from kernels_pallas.trits import pack_trits, trits_packed_size, unpack_trits
 from kernels_pallas.w8a8 import int8_dot_pallas, packed_int_matmul_pallas
 from kernels_pallas.weight_only import packed_matmul_pallas
 
-__all__ = ["BACKENDS", "KernelFallbackWarning", "dequantize_packed", "hadamard_transform",
-           "hadamard_transform_xla", "int8_dot", "int8_matmul", "packed_int_matmul", "packed_int_matmul_xla",
-           "packed_matmul", "packed_matmul_xla"]
+__all__ = [
+    "BACKENDS",
+    "KernelFallbackWarning",
+    "dequantize_packed",
+    "hadamard_transform",
+    "hadamard_transform_xla",
+    "int8_dot",
+    "int8_matmul",
+    "pack_trits",
+    "packed_int_matmul",
+    "packed_int_matmul_xla",
+    "packed_matmul",
+    "packed_matmul_xla",
+    "sherry_dequantize",
+    "sherry_matmul",
+    "sherry_matmul_xla",
+    "sherry_pack",
+    "sherry_packed_size",
+    "sherry_project",
+    "sherry_unpack",
+    "trits_packed_size",
+    "unpack_trits",
+]
 
 
 def _check_bits_signed(bits, signed, what: str) -> int:
     """``bits`` as an int of :data:`layout.PACK_BITS`, ``signed`` a bool; a clear error naming ``what``."""
-    if layout._as_int(bits) not in layout.PACK_BITS:
+    if layout.as_int(bits) not in layout.PACK_BITS:
         raise ValueError(f"bits={bits!r} has no {what}; allowed: {layout.PACK_BITS}")
     if not isinstance(signed, bool | np.bool_):
         raise TypeError(f"signed={signed!r}; allowed: True or False (whether the packed codes were signed)")
-    return layout._as_int(bits)
+    return layout.as_int(bits)
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
@@ -138,6 +174,56 @@ def packed_int_matmul(x_codes: jax.Array, x_scale: jax.Array, w_packed: jax.Arra
     kernel = functools.partial(packed_int_matmul_pallas, bits=bits, signed=bool(signed),
                                **backends.kernel_options(backend))
     return _with_reference_vjp(kernel, reference, x_codes, x_scale, w_packed, w_scales, zero_point)
+
+
+def sherry_matmul(x: jax.Array, words: jax.Array, scales: jax.Array, *, k: int, group_size: int | None = None,
+                  backend: str = "auto") -> jax.Array:
+    """``y[..., n] = sum_k x[..., k] * c[k, n] * s[g(k), n]``, ``g(k) = k // group_size``, float32
+    ``(..., N)``, for Sherry weights: ternary codes ``c`` with 3:4 sparsity (Sherry: 1.25-bit ternary with
+    3:4 sparsity; along K every block of four weights holds one 0 and three +-1, one of 32 patterns, 5 bits
+    per block).
+
+    ``words``: ``(5 ceil(K / 128), N)`` uint32 from :func:`sherry_pack` (axis 0; 1.25 bits per weight when
+    ``K % 128 == 0``); ``k``: K, a multiple of 4, equal to ``x.shape[-1]``; ``scales``, float: ``(1, N)``
+    per channel, ``(1, 1)`` per tensor or ``(K / group_size, N)`` per group (also ``(G, 1, N)``);
+    ``group_size``: ``None`` (one group, or ``K / G``) or a positive divisor of K that is a multiple of 4 (a
+    block never straddles two groups). ``K = 0`` gives zeros. Bad arguments raise ``ValueError`` here,
+    before any backend runs (also under ``jit``). The Pallas backends decode the words in the kernel
+    (:mod:`kernels_pallas.sherry`) and differentiate by the reference's backward (in ``x`` and ``scales``).
+    """
+    x, words, scales = _array(x, "x"), _array(words, "words"), _array(scales, "scales")
+    given, k = k, layout.as_int(k)
+    if k is None or k < 0 or k % 4:
+        raise ValueError(f"k={given!r}; allowed: K = 0, 4, 8, ... (a multiple of 4: Sherry blocks of four "
+                         "weights along K)")
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating) or x.shape[-1] != k:
+        raise ValueError(f"x of shape {x.shape} and dtype {x.dtype} with k={k}: allowed a float array "
+                         f"(..., {k}) (float32, bfloat16, float16)")
+    count = sherry_packed_size(k)
+    if words.dtype != jnp.uint32 or words.ndim != 2 or words.shape[0] != count:
+        raise ValueError(f"words of shape {words.shape} and dtype {words.dtype} do not hold K={k} Sherry "
+                         f"weights; allowed: uint32 ({count}, N) from kernels_pallas.sherry_pack(codes, "
+                         "axis=0)")
+    n = words.shape[1]
+    if group_size is not None:
+        size = layout.as_int(group_size)
+        if size is None or size < 1 or k % size or size % 4:
+            raise ValueError(f"group_size={group_size!r} is not a multiple of 4 dividing K={k}; allowed: "
+                             f"None or one of {[d for d in range(4, k + 1, 4) if k % d == 0]}")
+        group_size = size
+    shape, scales = scales.shape, _matrix(scales, "scales", k, n, group_size)
+    if k and (k // scales.shape[0]) % 4:
+        raise ValueError(f"scales of shape {shape}: {scales.shape[0]} groups of {k // scales.shape[0]} of "
+                         f"K={k} weights; allowed: groups of a multiple of 4 weights (a Sherry block of four "
+                         "shares one scale)")
+    backend = backends.resolve(backend)
+    if k == 0:  # an empty sum
+        return jnp.zeros((*x.shape[:-1], n), jnp.float32)
+    reference = functools.partial(sherry_matmul_xla, k=k, group_size=group_size)
+    if backend == "xla":
+        return reference(x, words, scales)
+    kernel = functools.partial(sherry_matmul_pallas, **backends.kernel_options(backend))
+    return _with_reference_vjp(kernel, reference, x, words, scales)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -236,7 +322,7 @@ def _check_packed_operands(k: int, w_packed, scales, zero_point, bits: int, grou
                          f"kernels_pallas.layout.pack(codes, {bits}, axis=0) (qjax.packing.pack)")
     n = w_packed.shape[1]
     if group_size is not None:
-        size = layout._as_int(group_size)
+        size = layout.as_int(group_size)
         if size is None or size < 1 or k % size:
             raise ValueError(f"group_size={group_size!r} does not divide K={k}; allowed: None or one of "
                              f"{[d for d in range(1, k + 1) if k % d == 0]}")

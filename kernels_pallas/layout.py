@@ -35,23 +35,23 @@ PACK_BITS = (1, 2, 4, 8)
 
 
 def _check_bits(bits) -> int:
-    as_int = _as_int(bits)
-    if as_int not in PACK_BITS:
+    value = as_int(bits)
+    if value not in PACK_BITS:
         raise ValueError(f"bits={bits!r} cannot be packed; allowed: {PACK_BITS}")
-    return as_int
+    return value
 
 
 def check_axis(axis, ndim: int, who: str) -> int:
     """``axis`` normalised to ``axis mod ndim`` in ``[0, ndim)``; an axis outside ``[-ndim, ndim)`` or not an
     integer raises a ``ValueError`` naming ``who`` and the allowed range."""
-    axis_int = _as_int(axis)
+    axis_int = as_int(axis)
     if axis_int is None or not -ndim <= axis_int < ndim:
         allowed = f"[{-ndim}, {ndim - 1}]" if ndim else "none (a rank-0 array has no axis to pack along)"
         raise ValueError(f"{who}: axis={axis!r} is out of range for rank {ndim}; allowed: {allowed}")
     return axis_int % ndim
 
 
-def _as_int(value) -> int | None:
+def as_int(value) -> int | None:
     """``value`` as a Python int if it is an integer (numpy integers included, bools not)."""
     if isinstance(value, bool | np.bool_):
         return None
@@ -89,7 +89,7 @@ def _check_codes(codes, bits: int) -> bool:
 
 def packed_size(size: int, bits: int) -> int:
     """Words that hold ``size`` codes of ``bits`` bits: ``P = ceil(size / (32 // bits))``."""
-    bits, count = _check_bits(bits), _as_int(size)
+    bits, count = _check_bits(bits), as_int(size)
     if count is None or count < 0:
         raise ValueError(f"packed_size: size={size!r}; allowed: an integer >= 0")
     return -(-count // (32 // bits))
@@ -149,7 +149,7 @@ def unpack(words: jax.Array, bits: int, axis: int, size: int, signed: bool = Tru
     axis = check_axis(axis, words.ndim, "unpack")
     n = 32 // bits
     count = words.shape[axis]
-    given, size = size, _as_int(size)
+    given, size = size, as_int(size)
     if size is None or not n * (count - 1) < size <= n * count:
         raise ValueError(f"unpack: size={given!r} does not match {count} words of {n} codes each; "
                          f"allowed: {n * (count - 1) + 1} .. {n * count}")
