@@ -33,6 +33,7 @@ from qjax.ptq.distill import first_output, mse, teacher_targets
 from qjax.ptq.folding import InputGroup, SmoothingPlan
 from qjax.ptq.gptq import gptq, gptq_layer, hessians
 from qjax.ptq.layers import Layer, frozen_variables, quantized_layers
+from qjax.ptq.pb_llm import PBLayer, pb_llm_layer
 from qjax.ptq.ptqtp import ptqtp_dequantize, ptqtp_layer
 from qjax.ptq.pv import pv_tuning, requantize_subspace, top_tau_mask
 from qjax.ptq.residual_layout import LLAMA_LAYOUT, ResidualLayout
@@ -41,8 +42,8 @@ from qjax.ptq.rtn import rtn
 from qjax.ptq.smoothing import awq, hadamard, smoothing_plan, smoothquant
 from qjax.ptq.ste import ste_finetune
 
-__all__ = ["LLAMA_LAYOUT", "InputGroup", "Layer", "Range", "ResidualLayout", "SmoothingPlan", "awq",
-           "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer", "hadamard", "hessians",
-           "input_scales", "input_statistics", "mse", "ptqtp_dequantize", "ptqtp_layer", "pv_tuning",
-           "quantized_layers", "requantize_subspace", "rotate_residual", "rtn", "smoothing_plan",
-           "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]
+__all__ = ["LLAMA_LAYOUT", "InputGroup", "Layer", "PBLayer", "Range", "ResidualLayout", "SmoothingPlan",
+           "awq", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer", "hadamard",
+           "hessians", "input_scales", "input_statistics", "mse", "pb_llm_layer", "ptqtp_dequantize",
+           "ptqtp_layer", "pv_tuning", "quantized_layers", "requantize_subspace", "rotate_residual", "rtn",
+           "smoothing_plan", "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]
