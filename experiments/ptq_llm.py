@@ -243,6 +243,7 @@ def main(argv=None) -> list[dict]:
     out = results_dir(args.results_dir)
     partial = out / "ptq_llm.partial.json"  # every finished (model, config), so a crash loses nothing
     rows = resumed_rows(args.resume) if args.resume else []
+    resumed = len(rows)
     done = {(r["model"], r["config"], r["library"], r["method"]) for r in rows}
     total = len(subjects) * len(args.configs) * (len(methods) + len(args.qwix_methods))
     with tqdm(total=total, unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
@@ -262,7 +263,7 @@ def main(argv=None) -> list[dict]:
     said = verdicts(rows, subjects)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "python": platform.python_version(), "jax": jax.__version__, "total_s": seconds,
-               "quick": args.quick}
+               "quick": args.quick, "resumed_rows": resumed}
     (out / "ptq_llm.json").write_text(json.dumps({"subjects": {s.name: s.info for s in subjects},
                                                   "machine": machine, "rows": rows, "verdicts": said},
                                                  indent=1, default=str))
@@ -275,7 +276,8 @@ def main(argv=None) -> list[dict]:
     for v in said:
         print(v)
     parts.append("## Goals\n\n" + "".join(f"- {v}\n" for v in said))
-    parts.append(f"\nTotal {seconds:.0f} s on {machine['cores']} CPU cores ({machine['cpu']}), jax "
+    kept = f" ({resumed} of the {len(rows)} rows from earlier runs: their own times)" if resumed else ""
+    parts.append(f"\nThis run {seconds:.0f} s{kept} on {machine['cores']} CPU cores ({machine['cpu']}), jax "
                  f"{machine['jax']}{'; quick mode' if args.quick else ''}.\n")
     (out / "ptq_llm.md").write_text("\n".join(parts))
     plot(rows, subjects, out / "ptq_llm.png")
