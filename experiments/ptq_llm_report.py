@@ -98,7 +98,10 @@ def plot(rows: list[dict], subjects: Sequence[Subject], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(subjects), 1, figsize=(13, 4.2 * len(subjects)), squeeze=False)
+    fig, axes = plt.subplots(len(subjects), 1, figsize=(14, 4.2 * len(subjects)), squeeze=False)
+    # one colour per (library, method) in every panel
+    every = list(dict.fromkeys((r["library"], r["method"]) for r in rows))
+    colours = {key: plt.cm.tab20(i % 20) for i, key in enumerate(every)}
     for ax, s in zip(axes[:, 0], subjects, strict=True):
         mine = [r for r in rows if r["model"] == s.name and s.metric in r]
         configs = list(dict.fromkeys(r["config"] for r in mine))
@@ -108,7 +111,7 @@ def plot(rows: list[dict], subjects: Sequence[Subject], path: Path) -> None:
             vals = [next((r[s.metric] for r in mine if r["config"] == c and r["library"] == lib
                           and r["method"] == meth), np.nan) for c in configs]
             ax.bar(np.arange(len(configs)) + i * width, vals, width, label=f"{lib} {meth}",
-                   hatch="//" if lib == "qwix" else None)
+                   color=colours[(lib, meth)], hatch="//" if lib == "qwix" else None)
         ax.set_xticks(np.arange(len(configs)) + width * (len(series) - 1) / 2, configs)
         if s.lower_is_better:
             fp = s.info.get("fp32_perplexity")
@@ -120,7 +123,7 @@ def plot(rows: list[dict], subjects: Sequence[Subject], path: Path) -> None:
             ax.set_ylabel("held-out cosine to fp32")
             ax.set_ylim(0, 1)
         ax.set_title(s.info["model"])
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
