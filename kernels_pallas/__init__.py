@@ -94,7 +94,7 @@ def _check_bits_signed(bits, signed, what: str) -> int:
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
                   group_size: int | None = None, zero_point: jax.Array | None = None,
-                  signed: bool = True, backend: str = "auto") -> jax.Array:
+                  signed: bool = True, element: str = "int", backend: str = "auto") -> jax.Array:
     """``y[..., n] = sum_k x[..., k] * (c[k, n] - z[g(k), n]) * s[g(k), n]``, ``g(k) = k // group_size``,
     float32 ``(..., N)``.
 
@@ -104,12 +104,19 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
     ``(K / group_size, N)`` per group, also as ``(G, 1, N)`` (how a QArray quantized ``PerGroup(axis=0)``
     lays out its scales); ``group_size``: ``None`` (one group, or ``K / G``) or a positive divisor of K;
     ``signed``: the codes were packed from a signed dtype (offset binary; binary ``{-1, +1}``).
+    ``element="e2m1"``: the 4-bit fields are FP4 E2M1 bit patterns (MXFP4 / NVFP4 elements; the block scales
+    then come as float ``(K / block, N)`` scales), decoded in the kernel by
+    :func:`kernels_pallas.layout.decode_e2m1`.
     ``K = 0`` gives zeros ``(..., N)`` (an empty sum). Bad arguments raise ``ValueError`` here, before any
     backend runs (shapes and dtypes are static, so also under ``jit``).
     Weight-only low-bit matmuls at small batch are memory bound, so reading packed words instead of a
     float weight is the speedup (Frantar et al., "MARLIN", 2024; Park et al., "LUT-GEMM", ICLR 2024).
     """
     bits = _check_bits_signed(bits, signed, "packed matmul")
+    if element not in layout.ELEMENTS or (element == "e2m1" and (bits != 4 or zero_point is not None)):
+        raise ValueError(f"packed matmul: element={element!r} with bits={bits} and "
+                         f"{'a' if zero_point is not None else 'no'} zero point; allowed: 'int', or 'e2m1' "
+                         "with bits=4 and no zero point")
     x, w_packed = _array(x, "x"), _array(w_packed, "w_packed")
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x of shape {x.shape} and dtype {x.dtype}: allowed a float array (..., K) "
@@ -121,8 +128,8 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits:
         return jnp.zeros((*x.shape[:-1], w_packed.shape[1]), jnp.float32)
     if backend == "xla":
         return packed_matmul_xla(x, w_packed, scales, bits=bits, group_size=group_size,
-                                 zero_point=zero_point, signed=signed)
-    options = dict(bits=bits, signed=bool(signed))
+                                 zero_point=zero_point, signed=signed, element=element)
+    options = dict(bits=bits, signed=bool(signed), element=element)
 
     def reference(x, w_packed, scales, zero_point):
         return packed_matmul_xla(x, w_packed, scales, zero_point=zero_point, group_size=group_size, **options)

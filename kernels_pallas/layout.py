@@ -131,6 +131,31 @@ def decode_fields(stored: jax.Array, bits: int, signed: bool) -> jax.Array:
     return 2 * stored - 1 if bits == 1 else stored - (1 << (bits - 1))
 
 
+ELEMENTS = ("int", "e2m1")
+"""What a packed field holds: an integer code (:func:`decode_fields`) or an FP4 E2M1 bit pattern
+(:func:`decode_e2m1`, 4-bit fields: MXFP4 / NVFP4 elements)."""
+
+
+def decode_e2m1(stored: jax.Array) -> jax.Array:
+    """The float32 value of a 4-bit E2M1 bit pattern (int32 in): sign ``s = f >> 3``, exponent ``e = (f >> 1)
+    & 3``, mantissa ``m = f & 1``; ``|v| = m / 2`` for ``e = 0`` (subnormal), else ``(1 + m / 2) 2^(e - 1)``:
+    ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}`` with a sign (OCP Microscaling Formats v1.0, section 5.3.3). 32-bit
+    integer shifts and masks only, as the kernels need."""
+    stored = stored.astype(jnp.int32)
+    e, m = (stored >> 1) & 3, (stored & 1).astype(jnp.float32)
+    power = jnp.left_shift(jnp.int32(1), e).astype(jnp.float32) * 0.5  # 2^(e - 1)
+    mag = jnp.where(e == 0, m * 0.5, (1.0 + m * 0.5) * power)
+    return jnp.where((stored >> 3) & 1 == 1, -mag, mag)
+
+
+def decode_element(stored: jax.Array, bits: int, signed: bool, element: str) -> jax.Array:
+    """A field's value as float32: :func:`decode_e2m1` for ``element="e2m1"``, else the integer code of
+    :func:`decode_fields`."""
+    if element == "e2m1":
+        return decode_e2m1(stored)
+    return decode_fields(stored.astype(jnp.int32), bits, signed).astype(jnp.float32)
+
+
 def unpack(words: jax.Array, bits: int, axis: int, size: int, signed: bool = True) -> jax.Array:
     """Inverse of :func:`pack`: uint32 ``words`` -> ``size`` codes along ``axis``,
     ``code[j P + p] = decode_fields((word[p] >> j bits) & (2^bits - 1))``.

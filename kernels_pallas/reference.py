@@ -22,9 +22,13 @@ from kernels_pallas import layout
 
 def dequantize_packed(w_packed: jax.Array, scales: jax.Array, *, bits: int, k: int,
                       group_size: int | None = None, zero_point: jax.Array | None = None,
-                      signed: bool = True) -> jax.Array:
-    """The float32 ``(K, N)`` weight of a packed ``(ceil(K / (32 // bits)), N)`` uint32 array."""
-    codes = layout.unpack(w_packed, bits, 0, k, signed=signed).astype(jnp.float32)
+                      signed: bool = True, element: str = "int") -> jax.Array:
+    """The float32 ``(K, N)`` weight of a packed ``(ceil(K / (32 // bits)), N)`` uint32 array; ``element``:
+    what a field holds (:data:`kernels_pallas.layout.ELEMENTS`)."""
+    if element == "e2m1":
+        codes = layout.decode_e2m1(layout.unpack(w_packed, bits, 0, k, signed=False).astype(jnp.int32))
+    else:
+        codes = layout.unpack(w_packed, bits, 0, k, signed=signed).astype(jnp.float32)
     groups, n = scales.shape[0], w_packed.shape[1]
     codes = codes.reshape(groups, k // groups, n)  # n, not -1: K = 0 has no size to infer from
     if zero_point is not None:
@@ -34,10 +38,10 @@ def dequantize_packed(w_packed: jax.Array, scales: jax.Array, *, bits: int, k: i
 
 def packed_matmul_xla(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
                       group_size: int | None = None, zero_point: jax.Array | None = None,
-                      signed: bool = True) -> jax.Array:
+                      signed: bool = True, element: str = "int") -> jax.Array:
     """``x @ dequantize_packed(...)`` with float32 accumulation, returned in float32."""
     w = dequantize_packed(w_packed, scales, bits=bits, k=x.shape[-1], group_size=group_size,
-                          zero_point=zero_point, signed=signed)
+                          zero_point=zero_point, signed=signed, element=element)
     return jax.lax.dot_general(x.astype(jnp.float32), w, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 

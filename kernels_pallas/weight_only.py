@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels_pallas.backends import compiler_params, round_up, tile
-from kernels_pallas.layout import decode_fields
+from kernels_pallas.layout import decode_element
 from kernels_pallas.loops import accumulate_over_k, over_planes
 
 BLOCK_M = 128
@@ -69,7 +69,7 @@ def scale_table(values: jax.Array, *, planes: int, words: int, padded_words: int
 
 
 def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None, block_words: int,
-            k_blocks: int | None, unroll: bool):
+            k_blocks: int | None, unroll: bool, element: str = "int"):
     """One ``(block_m, block_n)`` output tile; ``k_blocks is None``: one K step of the grid, else a loop.
     ``unroll``: unroll the loop over the ``32 // bits`` planes (compiled kernels; the interpreter keeps the
     loop, which compiles faster)."""
@@ -88,7 +88,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, bits: int, signed: bool, seg: int | None
         def plane(j, acc):  # unpack plane j in registers and multiply it by its slice of x
             x = x_ref[j, :, pl.ds(k0, block_words)]
             field = (words >> jnp.asarray(j * bits).astype(jnp.uint32)) & jnp.uint32(mask)
-            w = decode_fields(field.astype(jnp.int32), bits, signed).astype(jnp.float32)
+            w = decode_element(field.astype(jnp.int32), bits, signed, element)
             scale = rows(s_ref, j, kb)
             if z_ref is not None:
                 w = w - _repeat(rows(z_ref, j, kb), block_words)
@@ -111,7 +111,8 @@ def _repeat(rows: jax.Array, length: int) -> jax.Array:
 
 
 def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *, bits: int,
-                         zero_point: jax.Array | None = None, signed: bool = True, interpret: bool = False,
+                         zero_point: jax.Array | None = None, signed: bool = True, element: str = "int",
+                         interpret: bool = False,
                          k_in_grid: bool = True, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
                          block_k: int = BLOCK_K, unroll: bool | None = None) -> jax.Array:
     """``x (..., K) @ W`` for the packed ``(ceil(K / (32 // bits)), N)`` uint32 ``w_packed`` (module
@@ -141,7 +142,8 @@ def packed_matmul_pallas(x: jax.Array, w_packed: jax.Array, scales: jax.Array, *
     tables = [jnp.pad(t.astype(jnp.float32), ((0, 0), (0, np_ - n))) for t in tables]
     tables, segs = zip(*(scale_table(t, planes=planes, words=words, padded_words=wp, block_words=bw, k=k)
                          for t in tables), strict=True)
-    kernel = functools.partial(_kernel, bits=bits, signed=signed, seg=segs[0], block_words=bw,
+    kernel = functools.partial(_kernel, bits=bits, signed=signed, element=element, seg=segs[0],
+                               block_words=bw,
                                k_blocks=None if k_in_grid else wp // bw,
                                unroll=not interpret if unroll is None else unroll)
     if k_in_grid:

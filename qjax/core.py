@@ -145,7 +145,8 @@ def execution_path(entry: ModuleEntry | None, hparams: Mapping, settings: Settin
         packed = use is not None and use.op == "dot_general" and use.contract == 1
         if not packed or packed_layout(frozen) is None:
             return DEQUANTIZED
-        return PACKED_INT if integer_input(entry.rule.input, hparams) else PACKED
+        integer_weight = frozen.fmt.kind != "float"  # FP4 weights: the float weight-only kernel
+        return PACKED_INT if integer_weight and integer_input(entry.rule.input, hparams) else PACKED
     if not entry.intercepted:
         return AT_MODULE
     rule = entry.rule

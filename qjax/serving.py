@@ -1,9 +1,10 @@
 """Serving a frozen weight: ``x @ W`` straight from a packed :class:`~qjax.QArray`.
 
-A frozen ``(K, *features)`` weight whose codes are integers (int, binary, ternary), packed along K (axis 0)
-and scaled per tensor, per output channel or per group along K, runs on
-:func:`kernels_pallas.packed_matmul` without ever materialising the float weight. Other frozen weights
-(NF4, fp8, multi-basis, other layouts) are dequantized first. Shared by the Linen and NNX transforms.
+A frozen ``(K, *features)`` weight whose codes are integers (int, binary, ternary) or FP4 E2M1 values
+(MXFP4, NVFP4: their block scales read as float32 steps), packed along K (axis 0) and scaled per tensor,
+per output channel or per group along K, runs on :func:`kernels_pallas.packed_matmul` without ever
+materialising the float weight. Other frozen weights (NF4, fp8, multi-basis, other layouts) are dequantized
+first. Shared by the Linen and NNX transforms.
 
 When the input quantizer also gives integer codes (signed, at most 8 bits, one scale per tensor or per
 token: :func:`integer_input`), :func:`frozen_int_matmul` runs the integer product instead: the input is
@@ -32,6 +33,7 @@ from qjax.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qjax.int_matmul import integer_codes
 from qjax.qarray import QArray
 from qjax.quantizer import Quantizer, fake_quant, quantize
+from qjax.scales import scale_value
 
 
 def pack_axis(shape: tuple[int, ...], contract: int, bits: int) -> int:
@@ -51,8 +53,9 @@ def pack_for_serving(qa: QArray, contract: int) -> QArray:
 
 
 def packed_layout(w: QArray) -> tuple[int, int] | None:
-    """``(K, N)`` when ``w`` can run on the packed matmul as a ``(K, N)`` matrix, else ``None``."""
-    if not isinstance(w, QArray) or w.fmt.kind not in ("int", "binary", "ternary"):
+    """``(K, N)`` when ``w`` can run on the packed matmul as a ``(K, N)`` matrix, else ``None``: integer
+    codes (int, binary, ternary) or FP4 E2M1 codes (MXFP4 / NVFP4, :func:`element`)."""
+    if not isinstance(w, QArray) or (w.fmt.kind not in ("int", "binary", "ternary") and element(w) != "e2m1"):
         return None
     if w.bases != 1 or w.packing is None or w.packing[0] != -len(w.shape):
         return None
@@ -85,6 +88,13 @@ def integer_input(q: Quantizer | None, hparams: Mapping) -> bool:
     return all(a < -1 for a in axes)
 
 
+def element(w: QArray) -> str:
+    """What the packed matmul decodes ``w``'s 4-bit fields as: ``"e2m1"`` for FP4 E2M1 codes packed in
+    4-bit fields, else ``"int"`` (:data:`kernels_pallas.layout.ELEMENTS`)."""
+    fp4 = w.format == "fp4_e2m1" and (w.packing is None or w.packing[2] == 4)
+    return "e2m1" if fp4 else "int"
+
+
 def _matrix_scales(w: QArray, values: jax.Array, n: int) -> tuple[jax.Array, int | None]:
     """Per-(group, column) scales (or zero points) of ``w`` as a ``(groups, N)`` matrix."""
     if isinstance(w.granularity, PerGroup):
@@ -109,11 +119,12 @@ def frozen_matmul(x: jax.Array, w: QArray, backend: str = "auto") -> jax.Array:
         return jnp.tensordot(x.astype(jnp.float32), w.dequantize().astype(jnp.float32), axes=1)
 
     _, n = layout
-    scales, group_size = _matrix_scales(w, w.scale, n)
+    # block scales (E8M0 exponents, E4M3 under a tensor scale) as the float32 steps they stand for
+    scales, group_size = _matrix_scales(w, scale_value(w.scale, w.tensor_scale), n)
     zero = None if w.zero_point is None else _matrix_scales(w, w.zero_point, n)[0]
     words = w.codes.reshape(w.codes.shape[0], n)
     y = kernels_pallas.packed_matmul(x, words, scales, bits=w.packing[2], group_size=group_size,
-                                     zero_point=zero, signed=w.fmt.signed,
+                                     zero_point=zero, signed=w.fmt.signed, element=element(w),
                                      backend=backend)
     return y.reshape(*y.shape[:-1], *w.shape[1:])
 
@@ -135,7 +146,7 @@ def frozen_int_matmul(x: jax.Array, w: QArray, inputs: Quantizer, input_scale: j
     ``backend``, an ``inputs`` quantizer :func:`integer_input` refuses.
     """
     x = _check_frozen(x, w, backend, "frozen_int_matmul")
-    if packed_layout(w) is None:
+    if packed_layout(w) is None or w.fmt.kind == "float":
         raise ValueError(f"frozen_int_matmul: w ({w.format}, {w.granularity}, packing {w.packing}) is not a "
                          "packed integer (K, N) weight; allowed: what packed_layout accepts (int, binary or "
                          "ternary codes packed along axis 0, scales per tensor, output channel or K group)")

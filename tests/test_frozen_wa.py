@@ -120,21 +120,24 @@ def test_nnx_frozen_integer_path_equals_fake_quant_input_times_dequantized_weigh
     assert_close(got, reference(layers, X))
 
 
-def test_nvfp4_weights_and_inputs_freeze_to_the_fake_quant_outputs():
-    # Linen and NNX: nvfp4 weights (blocks of 16 along K) and inputs run "dequantized float" when frozen
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_nvfp4_weights_and_inputs_freeze_to_the_fake_quant_outputs(backend):
+    # Linen and NNX: nvfp4 weights (E2M1 codes in 4-bit fields, E4M3 scales per 16 along K under a tensor
+    # scale) run on the packed weight-only matmul when frozen, the nvfp4 inputs fake-quantized before it
     # (one quantized layer: the path is per layer, and a small program compiles fast).
     rules = [Rule("head", weight=presets.nvfp4(0), input=presets.nvfp4(-1))]
-    qmodel = ql.quantize_model(LinenMLP(), rules, backend="xla")
+    qmodel = ql.quantize_model(LinenMLP(), rules, backend=backend)
     variables = jax.jit(qmodel.init)(jax.random.key(0), X)
     frozen = ql.freeze(qmodel, variables, X)
-    assert set(qmodel.paths(frozen, X).values()) == {ql.DEQUANTIZED}
-    assert frozen["params"]["head"]["kernel"].scale.dtype == jnp.float8_e4m3fn
+    assert set(qmodel.paths(frozen, X).values()) == {ql.PACKED}
+    kernel = frozen["params"]["head"]["kernel"]
+    assert kernel.scale.dtype == jnp.float8_e4m3fn and kernel.packing[2] == 4
     assert_close(apply(qmodel, frozen, X, {}), apply(qmodel, variables, X, {}))
     model = NnxMLP(nnx.Rngs(0))
     qn.quantize_model(model, rules, X)
     before = nnx_apply(model, X)
-    qn.freeze(model, backend="xla")
-    assert set(qn.paths(model).values()) == {qn.DEQUANTIZED}
+    qn.freeze(model, backend=backend)
+    assert set(qn.paths(model).values()) == {qn.PACKED}
     assert_close(nnx_apply(model, X), before)
 
 

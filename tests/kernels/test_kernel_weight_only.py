@@ -184,3 +184,42 @@ def test_blocks_obey_the_tpu_rules(bits, m, k, n, block_k, monkeypatch):
         *_, rows, cols = spec.block_shape
         assert rows % 8 == 0 or rows == array.shape[-2], (spec.block_shape, array.shape)
         assert cols % 128 == 0 or cols == array.shape[-1], (spec.block_shape, array.shape)
+
+
+def test_e2m1_fields_decode_to_fp4_values():
+    from kernels_pallas.layout import decode_e2m1
+
+    patterns = jnp.arange(16, dtype=jnp.uint8)
+    fp4 = jax.lax.bitcast_convert_type(patterns.astype(jnp.uint4), jnp.float4_e2m1fn).astype(jnp.float32)
+    np.testing.assert_array_equal(decode_e2m1(patterns.astype(jnp.int32)), fp4)
+
+
+@pytest.mark.parametrize("k,n,block,kernel", [(96, 20, 16, {}), (160, 33, 32, {}),
+                                              (256, 40, 16, {"k_in_grid": False, "unroll": True})])
+def test_e2m1_weights_match_the_dense_product(k, n, block, kernel):
+    # FP4 E2M1 codes (MXFP4 / NVFP4 elements) packed as 4-bit bit patterns, float block scales along K: the
+    # interpret kernel (grid or GPU-style loop) and the reference equal x @ (values * scales)
+    kx, kw, ks = jax.random.split(jax.random.key(k), 3)
+    values = jax.random.normal(kw, (k, n)).astype(jnp.float4_e2m1fn)
+    words = kp.layout.pack(jax.lax.bitcast_convert_type(values, jnp.uint4).astype(jnp.uint8), 4, 0)
+    scales = jnp.exp2(jax.random.randint(ks, (k // block, n), -3, 3).astype(jnp.float32))
+    x = jax.random.normal(kx, (5, k))
+    dense = x @ (values.astype(jnp.float32).reshape(k // block, block, n) * scales[:, None]).reshape(k, n)
+    args = dict(bits=4, element="e2m1")
+    ref = kp.packed_matmul(x, words, scales, backend="xla", **args)
+    if kernel:
+        got = packed_matmul_pallas(x, words, scales, interpret=True, **kernel, **args)
+    else:
+        got = kp.packed_matmul(x, words, scales, backend="interpret", **args)
+    np.testing.assert_allclose(ref, dense, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-4)
+
+
+def test_e2m1_needs_four_bit_fields_and_no_zero_point():
+    words, scales, x = jnp.zeros((8, 3), jnp.uint32), jnp.ones((1, 3)), jnp.ones((2, 64))
+    with pytest.raises(ValueError, match=r"element='e2m1' with bits=8 .*allowed: 'int', or 'e2m1'"):
+        kp.packed_matmul(x, jnp.zeros((16, 3), jnp.uint32), scales, bits=8, element="e2m1")
+    with pytest.raises(ValueError, match=r"element='e2m1' with bits=4 and a zero point"):
+        kp.packed_matmul(x, words, scales, bits=4, element="e2m1", zero_point=jnp.zeros((1, 3)))
+    with pytest.raises(ValueError, match=r"element='fp8'"):
+        kp.packed_matmul(x, words, scales, bits=4, element="fp8")
