@@ -27,6 +27,7 @@ Llama 3 / Qwen 2 / Qwen 3); it returns the rotated float variables (Linen) or ro
 (NNX).
 """
 
+from qjax.ptq.binary_stacks import BinaryStacks, bitstack_layer
 from qjax.ptq.calibration import Range, calibrate, input_scales
 from qjax.ptq.capture import input_statistics
 from qjax.ptq.distill import first_output, mse, teacher_targets
@@ -40,10 +41,12 @@ from qjax.ptq.residual_layout import LLAMA_LAYOUT, ResidualLayout
 from qjax.ptq.residual_rotation import rotate_residual
 from qjax.ptq.rtn import rtn
 from qjax.ptq.smoothing import awq, hadamard, smoothing_plan, smoothquant
+from qjax.ptq.squeeze_llm import SqueezeLayer, squeeze_llm_layer
 from qjax.ptq.ste import ste_finetune
 
-__all__ = ["LLAMA_LAYOUT", "InputGroup", "Layer", "PBLayer", "Range", "ResidualLayout", "SmoothingPlan",
-           "awq", "calibrate", "first_output", "frozen_variables", "gptq", "gptq_layer", "hadamard",
-           "hessians", "input_scales", "input_statistics", "mse", "pb_llm_layer", "ptqtp_dequantize",
-           "ptqtp_layer", "pv_tuning", "quantized_layers", "requantize_subspace", "rotate_residual", "rtn",
-           "smoothing_plan", "smoothquant", "ste_finetune", "teacher_targets", "top_tau_mask"]
+__all__ = ["LLAMA_LAYOUT", "BinaryStacks", "InputGroup", "Layer", "PBLayer", "Range", "ResidualLayout",
+           "SmoothingPlan", "SqueezeLayer", "awq", "bitstack_layer", "calibrate",
+           "first_output", "frozen_variables", "gptq", "gptq_layer", "hadamard", "hessians", "input_scales",
+           "input_statistics", "mse", "pb_llm_layer", "ptqtp_dequantize", "ptqtp_layer", "pv_tuning",
+           "quantized_layers", "requantize_subspace", "rotate_residual", "rtn", "smoothing_plan",
+           "smoothquant", "squeeze_llm_layer", "ste_finetune", "teacher_targets", "top_tau_mask"]

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.ptq.layer_args import check_dense_kernel, finite_number
+
 _SALIENCE = ("magnitude", "hessian")
 
 
@@ -83,26 +85,11 @@ class PBLayer:
         return ((k * n - m) + 8 * m + index + 3 * n * scale_bits) / (k * n)
 
 
-def _number(value) -> bool:
-    """Whether ``value`` is a finite real Python/numpy scalar (no bool)."""
-    if isinstance(value, bool | np.bool_):
-        return False
-    try:
-        array = np.asarray(value)
-    except Exception:  # anything numpy cannot read is no number
-        return False
-    return array.ndim == 0 and array.dtype.kind in "fiu" and bool(np.isfinite(array))
-
 
 def _check(w, hessian, salient_fraction, salience, compensate, block_size, damp) -> int:
     """Validate the arguments; return the salient count ``m = round(f K N)``."""
-    shape = jnp.shape(w)
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"pb_llm_layer: weight of shape {shape}; allowed: a non-empty (K, N) Dense kernel "
-                         "(contraction axis 0)")
-    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-        raise ValueError(f"pb_llm_layer: weight dtype {jnp.result_type(w)}; allowed: a float dtype")
-    if not _number(salient_fraction) or not 0 <= float(salient_fraction) < 1:
+    shape = check_dense_kernel(w, "pb_llm_layer")
+    if not finite_number(salient_fraction) or not 0 <= float(salient_fraction) < 1:
         raise ValueError(f"pb_llm_layer: salient_fraction={salient_fraction!r}; allowed: a number in [0, 1) "
                          "(0.1 keeps 10% of the weights in 8 bits)")
     if salience not in _SALIENCE:
@@ -111,7 +98,7 @@ def _check(w, hessian, salient_fraction, salience, compensate, block_size, damp)
         raise ValueError(f"pb_llm_layer: compensate={compensate!r}; allowed: True or False")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"pb_llm_layer: block_size={block_size!r}; allowed: a positive integer (128)")
-    if not isinstance(damp, jax.core.Tracer) and not (_number(damp) and float(damp) >= 0):
+    if not isinstance(damp, jax.core.Tracer) and not (finite_number(damp) and float(damp) >= 0):
         raise ValueError(f"pb_llm_layer: damp={damp!r}; allowed: a finite number >= 0 (0.01 as in GPTQ)")
     k, n = shape
     needs = [why for why, used in (("salience='hessian'", salience == "hessian"),

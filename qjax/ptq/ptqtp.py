@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels_pallas.layout import as_int
+from qjax.ptq.layer_args import check_dense_kernel, finite_number
 
 # The TWN threshold of the initial ternary rounding: |w| > 0.7 mean|w| (Li & Liu, "Ternary Weight Networks").
 _THRESHOLD = 0.7
@@ -57,23 +57,9 @@ _MAX_GROUP = 46340
 _PAIRS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
 
 
-def _nonnegative_number(value) -> bool:
-    """Whether ``value`` is a finite real number >= 0 (a Python or numpy scalar, or a 0-d array)."""
-    try:
-        array = np.asarray(value)
-    except Exception:  # anything numpy cannot read is no number
-        return False
-    return array.ndim == 0 and array.dtype.kind in "fiu" and bool(np.isfinite(array) and array >= 0)
-
 
 def _check_layer(w, group_size, iters, ridge, ratio_starts) -> None:
-    shape = jnp.shape(w)
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(f"ptqtp_layer: weight of shape {shape}; allowed: a non-empty (K, N) Dense kernel "
-                         "(contraction axis 0; a stack of layers: jax.vmap)")
-    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-        raise ValueError(f"ptqtp_layer: weight dtype {jnp.result_type(w)}; allowed: a float dtype "
-                         "(float32, bfloat16, float16)")
+    shape = check_dense_kernel(w, "ptqtp_layer")
     k = shape[0]
     g = as_int(group_size)
     if g is None or g < 1 or k % g:
@@ -87,7 +73,7 @@ def _check_layer(w, group_size, iters, ridge, ratio_starts) -> None:
     if n_iters is None or n_iters < 0:
         raise ValueError(f"ptqtp_layer: iters={iters!r}; allowed: an integer >= 0 (0: the greedy "
                          "initialisation only)")
-    if not isinstance(ridge, jax.core.Tracer) and not _nonnegative_number(ridge):
+    if not isinstance(ridge, jax.core.Tracer) and not finite_number(ridge, nonnegative=True):
         raise ValueError(f"ptqtp_layer: ridge={ridge!r}; allowed: a finite number >= 0 (relative to the "
                          "planes' mean squared norm; 0 = plain least squares)")
     starts = as_int(ratio_starts)
