@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.layout import as_int
-from qjax.ptq.layer_args import check_dense_kernel
+from qjax.ptq.layer_args import check_count, check_dense_kernel, check_group
 
 
 @jax.tree_util.register_dataclass
@@ -89,17 +89,9 @@ def _check_layer(name: str, w, group_size, **counts: tuple[object, int, str]) ->
     """Validate the weight, ``group_size`` and integer ``counts`` (``name: (value, minimum, hint)``); return
     the group size ``g``."""
     shape = check_dense_kernel(w, name)
-    k = shape[0]
-    g = k if group_size is None else as_int(group_size)
-    if g is None or g < 1 or k % g:
-        divisors = [d for d in (32, 64, 128, 256, k) if d <= k and k % d == 0]
-        raise ValueError(f"{name}: group_size={group_size!r} must be None (one group per column) or a "
-                         f"positive integer dividing K = {k}; allowed e.g.: "
-                         f"{', '.join(map(str, dict.fromkeys(divisors)))}")
+    g = check_group(name, group_size, shape[0], allow_none=True)
     for arg, (value, low, hint) in counts.items():
-        v = as_int(value)
-        if v is None or v < low:
-            raise ValueError(f"{name}: {arg}={value!r}; allowed: an integer >= {low} ({hint})")
+        check_count(name, arg, value, low, hint)
     return g
 
 

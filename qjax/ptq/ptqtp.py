@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.layout import as_int
-from qjax.ptq.layer_args import check_dense_kernel, finite_number
+from qjax.ptq.layer_args import check_count, check_dense_kernel, check_group, finite_number
 
 # The TWN threshold of the initial ternary rounding: |w| > 0.7 mean|w| (Li & Liu, "Ternary Weight Networks").
 _THRESHOLD = 0.7
@@ -60,26 +60,15 @@ _PAIRS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-
 
 def _check_layer(w, group_size, iters, ridge, ratio_starts) -> None:
     shape = check_dense_kernel(w, "ptqtp_layer")
-    k = shape[0]
-    g = as_int(group_size)
-    if g is None or g < 1 or k % g:
-        divisors = [d for d in (32, 64, 128, 256, k) if d <= k and k % d == 0]
-        raise ValueError(f"ptqtp_layer: group_size={group_size!r} must be a positive integer dividing "
-                         f"K = {k}; allowed e.g.: {', '.join(map(str, dict.fromkeys(divisors)))}")
+    g = check_group("ptqtp_layer", group_size, shape[0])
     if g > _MAX_GROUP:
         raise ValueError(f"ptqtp_layer: group_size={g} is too large; allowed: up to {_MAX_GROUP} rows "
                          "(the planes' Gram determinant is computed exactly in int32)")
-    n_iters = as_int(iters)
-    if n_iters is None or n_iters < 0:
-        raise ValueError(f"ptqtp_layer: iters={iters!r}; allowed: an integer >= 0 (0: the greedy "
-                         "initialisation only)")
+    check_count("ptqtp_layer", "iters", iters, 0, "0: the greedy initialisation only")
     if not isinstance(ridge, jax.core.Tracer) and not finite_number(ridge, nonnegative=True):
         raise ValueError(f"ptqtp_layer: ridge={ridge!r}; allowed: a finite number >= 0 (relative to the "
                          "planes' mean squared norm; 0 = plain least squares)")
-    starts = as_int(ratio_starts)
-    if starts is None or starts < 0:
-        raise ValueError(f"ptqtp_layer: ratio_starts={ratio_starts!r}; allowed: an integer >= 0 (0: the "
-                         "greedy initialisation only)")
+    check_count("ptqtp_layer", "ratio_starts", ratio_starts, 0, "0: the greedy initialisation only")
 
 
 def _ternary(x: jax.Array) -> jax.Array:

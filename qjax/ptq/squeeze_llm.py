@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.layout import as_int
-from qjax.ptq.layer_args import check_dense_kernel, finite_number
+from qjax.ptq.layer_args import check_count, check_dense_kernel, finite_number
 
 
 @jax.tree_util.register_dataclass
@@ -95,10 +95,7 @@ def _check(w, sensitivity, bits, outlier_fraction, iters) -> int:
     if not finite_number(outlier_fraction) or not 0 <= float(outlier_fraction) < 0.5:
         raise ValueError(f"squeeze_llm_layer: outlier_fraction={outlier_fraction!r}; allowed: a number in "
                          "[0, 0.5) (0.0045 keeps 0.45% of the weights in full precision, as in the paper)")
-    n_iters = as_int(iters)
-    if n_iters is None or n_iters < 0:
-        raise ValueError(f"squeeze_llm_layer: iters={iters!r}; allowed: an integer >= 0 (0: the weighted "
-                         "quantile initialisation only)")
+    check_count("squeeze_llm_layer", "iters", iters, 0, "0: the weighted quantile initialisation only")
     if not isinstance(w, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(w, np.float32))):
         raise ValueError("squeeze_llm_layer: the weight holds NaN/inf entries; allowed: a finite weight")
     if sensitivity is not None:
