@@ -150,7 +150,6 @@ def pv_tuning(model, variables: Mapping | None, rules, batches: Sequence[Mapping
         raise ValueError("pv_tuning: the model is already quantized; pass teacher= (the float "
                          f"{'variables' if view.front_end == 'linen' else 'nnx.Module'})")
     targets = view_targets(view.teacher(teacher), batches, output_fn)
-    apply, rest = view.apply, view.rest
 
     p_opt = optax.adam(p_learning_rate, b1=0.9, b2=0.95)
     v_opt = optax.lamb(v_learning_rate, b1=0.0, b2=0.95, weight_decay=0.0)
@@ -159,7 +158,7 @@ def pv_tuning(model, variables: Mapping | None, rules, batches: Sequence[Mapping
         floats, scales = continuous
         qarrays = _qarrays(layers, templates, scales, codes)
         values = {layer.path: dequantize(qarrays[layer.path]) + deltas[layer.name] for layer in layers}
-        out = apply(with_weights(floats, values), rest, batch)
+        out = view.apply(with_weights(floats, values), rest, batch)
         return mse(output_fn(out, batch), target)
 
     @jax.jit
@@ -183,6 +182,7 @@ def pv_tuning(model, variables: Mapping | None, rules, batches: Sequence[Mapping
     buffers = {layer.name: dequantize(templates[layer.path]).astype(jnp.float32) for layer in layers}
     state = PVState(floats, scales, codes, buffers, p_opt.init((floats, scales)), v_opt.init(buffers))
     start = state
+    rest = view.rest
     state, losses = run_steps(lambda s, b, t: step(s, rest, b, t), state, batches, targets, steps, progress)
     if keep_best:
         calibration_loss = jax.jit(lambda s, b, t: loss_fn((s.floats, s.scales), jax.tree_util.tree_map(
